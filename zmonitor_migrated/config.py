@@ -108,7 +108,8 @@ def from_mapping(raw: dict[str, Any], source: Path | str = "<config>") -> Config
                 raise _fail(key, f"an integer >= {_INTS[key]}", value, source)
             values[key] = value
         elif key in _FLOATS:
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < _FLOATS[key]:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or value < _FLOATS[key]:
                 raise _fail(key, f"a number >= {_FLOATS[key]}", value, source)
             values[key] = float(value)
         elif key in _STRS:

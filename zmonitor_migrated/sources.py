@@ -31,7 +31,8 @@ import yaml
 from .errors import BundleRejected
 
 KINDS = ("schema", "data", "seed")
-_NAME = re.compile(r"^(?P<version>\d{4,})_(?:(?P<kind>schema|data|seed)_)?(?P<slug>[a-z0-9_]+)\.sql$")
+_NAME = re.compile(
+    r"^(?P<version>\d{4,})_(?:(?P<kind>schema|data|seed)_)?(?P<slug>[a-z0-9_]+)\.sql$")
 _ROLLBACK = re.compile(r"^(?P<version>\d{4,})_rollback(?:_[a-z0-9_]+)?\.sql$")
 _BATCH = re.compile(r"^--\s*zmonitor:batch\s+(?P<args>.*)$", re.MULTILINE)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

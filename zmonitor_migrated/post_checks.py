@@ -1,0 +1,179 @@
+"""Post-migration validation queries (``checks/post.yaml``) and running them.
+
+Guarantees:
+
+- ``load_checks`` accepts only the format below and refuses anything else with
+  ``BundleRejected(kind="malformed")`` naming the file and the entry.
+- ``run_checks`` is pure over the connection it is given: it opens nothing, and the
+  queries run under a read-only authorizer (reads, functions and the read-only pragmas
+  ``foreign_key_check``, ``integrity_check``, ``quick_check``, ``table_info``,
+  ``index_list``, ``index_info``, ``foreign_key_list``), so a check can never change the
+  database. sqlite3 cannot read back an authorizer, so the connection is left with none;
+  a caller relying on its own must reinstall it.
+- Every check yields either nothing (passed) or one ``CheckFailure``; a query that
+  errors is a failure naming the check and SQLite's message, never an exception.
+
+The ``post.yaml`` format, a list of checks::
+
+    - name: no_null_patient_mrn                  # required, unique, [A-Za-z0-9_.-]+
+      description: every vitals row has an MRN   # optional
+      sql: SELECT COUNT(*) FROM vitals WHERE patient_mrn IS NULL   # required, one query
+      expect: 0                                  # required: a number, a string or null
+
+``expect`` is compared with the first column of the first row (no row at all is NULL):
+numbers by value (``0`` matches ``0.0``), strings exactly, ``null`` with NULL only.
+YAML booleans are refused (SQLite has none: write 1 or 0).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import sqlscript
+from .errors import BundleRejected
+
+Scalar = int | float | str | None
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_KEYS = {"name", "description", "sql", "expect"}
+_READ_ONLY_PRAGMAS = {"foreign_key_check", "integrity_check", "quick_check", "table_info",
+                      "table_xinfo", "index_list", "index_info", "index_xinfo",
+                      "foreign_key_list"}
+_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
+                    getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    sql: str
+    expect: Scalar
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class CheckFailure:
+    name: str
+    sql: str
+    expected: Scalar
+    actual: Scalar = None
+    error: str | None = None  # SQLite's message when the query itself failed
+
+    def __str__(self) -> str:
+        if self.error is not None:
+            return f"check {self.name}: query failed: {self.error}"
+        return f"check {self.name}: expected {self.expected!r}, got {self.actual!r}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "sql": self.sql, "expected": self.expected,
+                "actual": self.actual, "error": self.error}
+
+
+def parse_checks(text: str, path: str = "post.yaml") -> list[Check]:
+    """Parse and validate the text of a ``post.yaml`` (``path`` names it in errors)."""
+
+    def fail(where: str, message: str) -> BundleRejected:
+        return BundleRejected(f"{path}: {where}: {message}", kind="malformed")
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BundleRejected(f"{path}: not valid YAML: {exc}", kind="malformed") from None
+    if doc is None:
+        return []
+    if not isinstance(doc, list):
+        raise fail("top level", "must be a list of checks ({name, sql, expect})")
+    checks: list[Check] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(doc):
+        where = f"[{i}]"
+        if not isinstance(raw, dict):
+            raise fail(where, "must be a mapping with name, sql and expect")
+        for key in raw:
+            if key not in _KEYS:
+                raise fail(where, f"unknown key {key!r} (allowed: {', '.join(sorted(_KEYS))})")
+        for key in ("name", "sql", "expect"):
+            if key not in raw:
+                raise fail(where, f"missing required key {key!r}")
+        name = raw["name"]
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise fail(f"{where}.name", f"must be a word of letters, digits, '_', '.', '-', "
+                                        f"not {name!r}")
+        where = f"{where} ({name})"
+        if name in seen:
+            raise fail(f"{where}.name", "duplicate check name")
+        seen.add(name)
+        sql = raw["sql"]
+        if not isinstance(sql, str) or not sql.strip():
+            raise fail(f"{where}.sql", "must be a non-empty SQL query")
+        body = sql.strip()
+        try:
+            statements = sqlscript.split(body if body.endswith(";") else body + ";")
+        except sqlscript.ScriptError:
+            statements = []
+        if len(statements) != 1:
+            raise fail(f"{where}.sql", "must be exactly one SQL query")
+        expect = raw["expect"]
+        if isinstance(expect, bool) or not (expect is None or isinstance(
+                expect, (int, float, str))):
+            raise fail(f"{where}.expect", "must be a number, a string or null "
+                                          "(write 1 or 0, not true or false)")
+        description = raw.get("description", "")
+        if not isinstance(description, str):
+            raise fail(f"{where}.description", "must be a string")
+        checks.append(Check(name, sql.strip(), expect, description))
+    return checks
+
+
+def load_checks(path: Path | str) -> list[Check]:
+    """Read and validate a ``post.yaml``; see the module docstring for the format."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleRejected(f"{path}: cannot read: {exc}", kind="malformed") from None
+    return parse_checks(text, str(path))
+
+
+def _read_only(action: int, arg1: str | None, _arg2: str | None, _db: str | None,
+               _trigger: str | None) -> int:
+    if action in _ALLOWED_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_ONLY_PRAGMAS:
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+def matches(expected: Scalar, actual: object) -> bool:
+    if expected is None or actual is None:
+        return expected is None and actual is None
+    if isinstance(expected, (int, float)):
+        return isinstance(actual, (int, float)) and not isinstance(actual, bool) \
+            and float(actual) == float(expected)
+    return isinstance(actual, str) and actual == expected
+
+
+def run_checks(conn: sqlite3.Connection, checks: list[Check]) -> list[CheckFailure]:
+    """Run every check; returns the failures (empty when all passed)."""
+    failures: list[CheckFailure] = []
+    conn.set_authorizer(_read_only)
+    try:
+        for check in checks:
+            try:
+                row = conn.execute(check.sql).fetchone()
+            except (sqlite3.Error, sqlite3.Warning) as exc:
+                failures.append(CheckFailure(check.name, check.sql, check.expect,
+                                             error=str(exc)))
+                continue
+            actual = row[0] if row else None
+            if isinstance(actual, bytes):
+                actual = actual.hex()
+            if not matches(check.expect, actual):
+                failures.append(CheckFailure(check.name, check.sql, check.expect, actual))
+    finally:
+        conn.set_authorizer(None)
+    return failures

@@ -1,0 +1,379 @@
+"""The streaming tar layer of a bundle: bounded reads, no trust in any header.
+
+A bundle file is a ustar archive, optionally gzip-compressed as a whole:
+``manifest.json``, ``signatures.json``, then the payload files. This module reads it
+sequentially and guarantees:
+
+1. Every read is bounded *before* it happens: a member's declared size is checked
+   against the caps (manifest <= 1 MiB, signatures <= 64 KiB) or against the signed
+   manifest (payload) before a byte of its data is read, and every byte actually read
+   (after decompression) is counted against a ceiling derived from the caps. A
+   decompression bomb — a 2 GiB declared size, gigabytes of zeros after the end of the
+   archive, a million tiny members — is refused as ``too-large`` without being unpacked.
+2. Payload data is streamed in 1 MiB chunks, hashed and written as it arrives; memory
+   does not grow with the bundle size.
+3. Only regular files are accepted. Symlinks, hard links, devices, fifos, directories
+   and pax/GNU extension headers (which could rename the next member) are
+   ``unsafe-member``, as are absolute names, ``..``, ``.``, empty or non-ASCII segments,
+   backslashes and a name seen twice. A safe name the manifest does not list is
+   ``unlisted-member``; a listed file never seen is ``missing-member``; a size or sha256
+   that differs is ``hash-mismatch``.
+4. Headers are parsed strictly: the checksum must match (6 octal digits, NUL, space),
+   size is 11 octal digits and a NUL (or GNU base-256, which is always too large here),
+   the magic is POSIX or GNU ustar, name/prefix/linkname fields are NUL-padded, the
+   data padding and everything after the end-of-archive marker are zero bytes. So no
+   byte of a bundle that is interpreted can change unnoticed, and the only bytes not
+   interpreted are header fields covered by the header checksum (mode, owner, times).
+   Anything else unreadable is ``malformed`` (truncated, empty, random bytes, bad gzip).
+
+Why a reader of our own rather than ``tarfile.open(mode="r|*")``: ``tarfile`` reads pax
+and GNU long-name headers whole into memory whatever size they declare, accepts many
+legacy formats and lenient header encodings, and stream mode gives no hook to check a
+declared size before the data is consumed when skipping. The format we accept is tiny
+(512-byte headers, regular files only), so reading it directly is both shorter to audit
+and strictly bounded. ``gzip.GzipFile`` decompresses incrementally (``read(n)`` returns at
+most n bytes) and checks the CRC and length at the end of each member, so a gzip
+bundle is accepted under the same bounds. Bundles are written uncompressed
+(``bundle.build``) for reproducibility; gzip is accepted for transports that compress.
+
+Example::
+
+    manifest_bytes, signatures_bytes = open_bundle(path, caps)
+    manifest = verify.verify_manifest(manifest_bytes, signatures_bytes, trust)
+    extract_payload(path, manifest, dest_dir, caps)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import stat
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .config import Config
+from .errors import BundleRejected, MigrateError
+from .manifest import MAX_MANIFEST_BYTES, Manifest
+from .verify import MAX_SIGNATURES_BYTES
+
+BLOCK = 512
+CHUNK = 1024 * 1024
+ZERO_BLOCK = bytes(BLOCK)
+MAX_TRAILER = 64 * 1024  # zero padding allowed after the end-of-archive marker
+MANIFEST_NAME = "manifest.json"
+SIGNATURES_NAME = "signatures.json"
+
+_CHKSUM = re.compile(rb"^[0-7]{6}\x00 $")
+_OCTAL_SIZE = re.compile(rb"^[0-7]{11}\x00$")
+_MAGICS = (b"ustar\x0000", b"ustar  \x00")
+_REGULAR = (b"0", b"\x00")
+_TYPE_NAMES = {b"1": "hard link", b"2": "symlink", b"3": "character device",
+               b"4": "block device", b"5": "directory", b"6": "fifo",
+               b"7": "contiguous file", b"x": "pax header", b"g": "pax global header",
+               b"L": "GNU long name", b"K": "GNU long link name"}
+
+
+@dataclass(frozen=True)
+class Caps:
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES
+    max_signatures_bytes: int = MAX_SIGNATURES_BYTES
+    max_total_bytes: int = 512 * 1024 * 1024  # sum of payload sizes
+    max_members: int = 10000  # including manifest.json and signatures.json
+
+    @classmethod
+    def from_config(cls, config: Config) -> Caps:
+        return cls(max_total_bytes=config.max_bundle_bytes,
+                   max_members=config.max_bundle_members)
+
+    @property
+    def read_limit(self) -> int:
+        """Most (decompressed) bytes a bundle within the caps can hold."""
+        return (self.max_manifest_bytes + self.max_signatures_bytes + self.max_total_bytes
+                + (self.max_members + 2) * 2 * BLOCK + MAX_TRAILER)
+
+
+def _malformed(message: str) -> BundleRejected:
+    return BundleRejected(f"{message}; this is not an intact bundle (truncated, corrupt or "
+                          "altered). Get the bundle again or rebuild it", kind="malformed")
+
+
+def _too_large(message: str) -> BundleRejected:
+    return BundleRejected(f"{message}; refused without unpacking. Raise the cap in the config "
+                          "only if this bundle is genuine", kind="too-large")
+
+
+def _unsafe(message: str) -> BundleRejected:
+    return BundleRejected(f"{message}; bundles contain only regular files with safe relative "
+                          "names. Do not use this file", kind="unsafe-member")
+
+
+class _Stream:
+    """Exact-length reads from the (gunzipped) archive, counting every byte read."""
+
+    def __init__(self, f: BinaryIO, limit: int) -> None:
+        self._f = f
+        self._limit = limit
+        self.offset = 0
+
+    def _raw(self, n: int) -> bytes:
+        try:
+            return self._f.read(n)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise _malformed(f"the archive cannot be read ({exc})") from None
+
+    def read(self, n: int) -> bytes:
+        if self.offset + n > self._limit:
+            raise _too_large(f"the archive holds more than {self._limit} bytes, more than any "
+                             "bundle within the configured caps")
+        data = self._raw(n)
+        while len(data) < n:  # a short read is not yet end of file for every reader
+            more = self._raw(n - len(data))
+            if not more:
+                raise _malformed(f"the archive ends after {self.offset + len(data)} bytes, in "
+                                 "the middle of a member (truncated)")
+            data += more
+        self.offset += n
+        return data
+
+    def read_trailer(self) -> None:
+        """After the end-of-archive marker only zero padding may follow, and not much."""
+        seen = 0
+        while data := self._raw(BLOCK * 16):
+            if data.count(0) != len(data):
+                raise _malformed("data follows the end-of-archive marker")
+            seen += len(data)
+            self.offset += len(data)
+            if seen > MAX_TRAILER:
+                raise _too_large(f"more than {MAX_TRAILER} bytes of padding follow the end "
+                                 "of the archive (a decompression bomb?)")
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    size: int
+    offset: int  # of the header in the (decompressed) tar stream
+
+
+def _field(raw: bytes, what: str) -> bytes:
+    """A NUL-padded header string: text, then only NULs."""
+    text, nul, rest = raw.partition(b"\x00")
+    if nul and rest.count(0) != len(rest):
+        raise _malformed(f"tar header field {what} has bytes after its end")
+    return text
+
+
+def _parse_size(raw: bytes) -> int:
+    if raw[0] & 0x80:  # GNU base-256: only used for sizes of 8 GiB and more
+        if raw[0] != 0x80:
+            raise _malformed("negative size in a tar header")
+        return int.from_bytes(raw[1:], "big")
+    if not _OCTAL_SIZE.match(raw):
+        raise _malformed("the size field of a tar header is not 11 octal digits")
+    return int(raw[:11], 8)
+
+
+def _safe_name(name: bytes) -> str:
+    try:
+        text = name.decode("ascii")
+    except UnicodeDecodeError:
+        raise _unsafe(f"member name {name!r} is not ASCII") from None
+    if not text:
+        raise _unsafe("a member has an empty name")
+    if text.startswith("/"):
+        raise _unsafe(f"member {text!r} has an absolute path")
+    if "\\" in text or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise _unsafe(f"member name {text!r} contains a backslash or control character")
+    for seg in text.split("/"):
+        if seg == "..":
+            raise _unsafe(f"member {text!r} climbs out of the bundle with '..'")
+        if seg in ("", "."):
+            raise _unsafe(f"member {text!r} has an empty or '.' path segment")
+    return text
+
+
+def _header(stream: _Stream) -> Member | None:
+    """The next member's header, or None at a valid end of archive."""
+    offset = stream.offset
+    block = stream.read(BLOCK)
+    if block == ZERO_BLOCK:
+        if stream.read(BLOCK) != ZERO_BLOCK:
+            raise _malformed(f"a zero block at offset {offset} is not followed by a second one")
+        stream.read_trailer()
+        return None
+    chk = block[148:156]
+    if not _CHKSUM.match(chk):
+        raise _malformed(f"no valid tar header at offset {offset}")
+    if int(chk[:6], 8) != sum(block[:148]) + 8 * 0x20 + sum(block[156:]):
+        raise _malformed(f"tar header checksum mismatch at offset {offset}")
+    magic = block[257:265]
+    if magic not in _MAGICS:
+        raise _malformed(f"tar header at offset {offset} is not ustar")
+    if block[500:] != bytes(12):
+        raise _malformed(f"tar header at offset {offset} has data in its padding")
+    typeflag = block[156:157]
+    name = _field(block[0:100], "name")
+    if magic == _MAGICS[0]:
+        prefix = _field(block[345:500], "prefix")
+    elif block[345:500].count(0) == 155:
+        prefix = b""
+    else:
+        raise _malformed(f"GNU tar header at offset {offset} uses extension fields")
+    full = prefix + b"/" + name if prefix else name
+    if typeflag not in _REGULAR:
+        what = _TYPE_NAMES.get(typeflag, f"type {typeflag!r}")
+        raise _unsafe(f"member {full.decode('ascii', 'replace')!r} is a {what}")
+    if _field(block[157:257], "linkname"):
+        raise _malformed(f"regular file at offset {offset} has a link target")
+    size = _parse_size(block[124:136])
+    return Member(name=_safe_name(full), size=size, offset=offset)
+
+
+@contextlib.contextmanager
+def _open(path: Path, caps: Caps) -> Iterator[_Stream]:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, also on error
+    except OSError as exc:
+        raise _malformed(f"cannot open bundle {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise _malformed(f"{path} is not a regular file")
+        if st.st_size == 0:
+            raise _malformed(f"{path} is empty")
+        if st.st_size > caps.read_limit:
+            raise _too_large(f"{path} is {st.st_size} bytes, more than any bundle within the "
+                             f"configured caps ({caps.read_limit})")
+        if f.read(2) == b"\x1f\x8b":
+            f.seek(0)
+            with gzip.GzipFile(fileobj=f, mode="rb") as gz:
+                yield _Stream(gz, caps.read_limit)  # type: ignore[arg-type]
+        else:
+            f.seek(0)
+            yield _Stream(f, caps.read_limit)
+    finally:
+        f.close()
+
+
+def _read_small(stream: _Stream, expected: str, cap: int, position: str) -> bytes:
+    member = _header(stream)
+    if member is None:
+        raise _malformed(f"the archive ends before its {position} member {expected}")
+    if member.name != expected:
+        raise _malformed(f"the {position} member must be {expected}, found {member.name!r}")
+    if member.size > cap:
+        raise _too_large(f"{expected} declares {member.size} bytes, over the {cap} byte limit")
+    data = stream.read(member.size)
+    _padding(stream, member)
+    return data
+
+
+def _padding(stream: _Stream, member: Member) -> None:
+    pad = stream.read(-member.size % BLOCK)
+    if pad.count(0) != len(pad):
+        raise _malformed(f"non-zero padding after member {member.name!r}")
+
+
+def open_bundle(path: Path, caps: Caps) -> tuple[bytes, bytes]:
+    """The exact bytes of ``manifest.json`` and ``signatures.json``, read within caps."""
+    with _open(Path(path), caps) as stream:
+        manifest = _read_small(stream, MANIFEST_NAME, caps.max_manifest_bytes, "first")
+        signatures = _read_small(stream, SIGNATURES_NAME, caps.max_signatures_bytes, "second")
+    return manifest, signatures
+
+
+def extract_payload(path: Path, manifest: Manifest, dest_dir: Path | None, caps: Caps) -> None:
+    """Stream every payload member, check it against the (verified) manifest and write
+    it under ``dest_dir`` (which must be empty; None only checks). On any refusal
+    everything written under ``dest_dir`` is removed again."""
+    if manifest.total_size > caps.max_total_bytes:
+        raise _too_large(f"the manifest lists {manifest.total_size} bytes of files, over the "
+                         f"{caps.max_total_bytes} byte cap")
+    if len(manifest.files) + 2 > caps.max_members:
+        raise _too_large(f"the manifest lists {len(manifest.files)} files, over the "
+                         f"{caps.max_members} member cap")
+    if dest_dir is not None:
+        dest_dir = Path(dest_dir)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        if any(dest_dir.iterdir()):
+            raise MigrateError(f"extraction directory {dest_dir} is not empty")
+    try:
+        with _open(Path(path), caps) as stream:
+            first = _read_small(stream, MANIFEST_NAME, caps.max_manifest_bytes, "first")
+            if first != manifest.to_json():
+                raise _malformed("manifest.json differs from the manifest that was verified "
+                                 "(the file changed during verification)")
+            _read_small(stream, SIGNATURES_NAME, caps.max_signatures_bytes, "second")
+            _extract_members(stream, manifest, dest_dir, caps)
+    except BaseException:
+        if dest_dir is not None:
+            for child in dest_dir.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        raise
+
+
+def _extract_members(stream: _Stream, manifest: Manifest, dest_dir: Path | None,
+                     caps: Caps) -> None:
+    listed = manifest.files_by_path
+    seen: set[str] = {MANIFEST_NAME, SIGNATURES_NAME}
+    count = 2
+    while (member := _header(stream)) is not None:
+        count += 1
+        if count > caps.max_members:
+            raise _too_large(f"the archive has more than {caps.max_members} members")
+        if member.name in seen:
+            raise _unsafe(f"member {member.name!r} appears twice")
+        seen.add(member.name)
+        entry = listed.get(member.name)
+        if entry is None:
+            raise BundleRejected(f"member {member.name!r} is not listed in the signed manifest;"
+                                 " extra files are refused. Rebuild the bundle",
+                                 kind="unlisted-member")
+        if member.size != entry.size:
+            if member.size > caps.max_total_bytes:
+                raise _too_large(f"member {member.name!r} declares {member.size} bytes")
+            raise BundleRejected(f"member {member.name!r} is {member.size} bytes, the signed "
+                                 f"manifest says {entry.size}; the file was altered",
+                                 kind="hash-mismatch")
+        digest = _copy(stream, member, dest_dir)
+        if digest != entry.sha256:
+            raise BundleRejected(f"member {member.name!r} has sha256 {digest}, the signed "
+                                 f"manifest says {entry.sha256}; the file was altered. Do not "
+                                 "use this bundle", kind="hash-mismatch")
+    missing = sorted(set(listed) - seen)
+    if missing:
+        raise BundleRejected(f"the signed manifest lists {', '.join(missing)} but the archive "
+                             "does not contain it; the bundle is incomplete. Get it again",
+                             kind="missing-member")
+
+
+def _copy(stream: _Stream, member: Member, dest_dir: Path | None) -> str:
+    h = hashlib.sha256()
+    out = None
+    if dest_dir is not None:
+        target = dest_dir / member.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out = open(target, "xb")  # noqa: SIM115 - closed below; x: never follow or replace
+    try:
+        remaining = member.size
+        while remaining:
+            chunk = stream.read(min(CHUNK, remaining))
+            h.update(chunk)
+            if out is not None:
+                out.write(chunk)
+            remaining -= len(chunk)
+    finally:
+        if out is not None:
+            out.close()
+    _padding(stream, member)
+    return h.hexdigest()

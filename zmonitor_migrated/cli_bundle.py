@@ -1,0 +1,222 @@
+"""``zmonitor-migrate keygen`` and ``zmonitor-migrate bundle build|sign|verify``.
+
+Thin commands over ``keys`` and ``bundle``: parse, call, print. Each handler is
+``handler(args, config) -> int``; failures are raised as ``MigrateError`` subclasses and
+the main CLI maps them to exit codes (3 for every ``BundleRejected``) and, with ``--json``,
+to ``{"ok": false, "error": {"kind": …, "message": …}}``. With ``--json`` a handler prints
+exactly one JSON object on stdout.
+
+- ``keygen NAME`` writes ``NAME.key`` (0600) and ``NAME.pub`` and prints the key id.
+- ``bundle build SRC -o OUT --key K [--key K2] --sequence N [--expires ISO | --valid-days D]
+  [--created ISO]``: ``created`` defaults to ``$SOURCE_DATE_EPOCH`` or now, the validity to
+  90 days.
+- ``bundle sign B --key K`` adds a signature in place.
+- ``bundle verify B [--trust DIR] [--threshold K]``: full verification without side
+  effects (the payload is checked in a temporary directory that is removed). The trust
+  store is ``--trust`` or the configured ``trust_dir``, with the configured threshold and
+  revoked keys. If the configured database exists, the device policy is applied against
+  it read-only (device type, anti-rollback, expiry, applied hashes); otherwise only
+  expiry. Exit 0 for "apply" and for "already applied".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from . import bundle as bundle_mod
+from .archive import Caps
+from .config import Config
+from .device_state import device_state
+from .errors import UsageError
+from .keys import key_id, keygen, load_private_key, load_public_key
+from .manifest import format_time
+from .trust import TrustStore
+from .verify import check_expiry, check_policy, manifest_sha256
+
+DEFAULT_VALID_DAYS = 90
+
+
+def register(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
+    """Add ``keygen`` and ``bundle build|sign|verify`` to the main parser's subcommands."""
+    kg = subparsers.add_parser(
+        "keygen", parents=[common_parent], help="make an Ed25519 signing key pair",
+        description="Write NAME.key (private, mode 0600) and NAME.pub (copy it into the "
+                    "devices' trust directory).")
+    kg.add_argument("name", metavar="NAME", help="path prefix, e.g. keys/release")
+    _add_json(kg)
+    kg.set_defaults(func=handle_keygen)
+
+    bundle = subparsers.add_parser(
+        "bundle", help="build, co-sign or verify a signed migration bundle",
+        description="Signed migration bundles (.zmb).")
+    actions = bundle.add_subparsers(dest="bundle_command", metavar="{build,sign,verify}")
+    actions.required = True
+
+    build = actions.add_parser("build", parents=[common_parent],
+                               help="lint a migration source and pack it into a signed bundle")
+    build.add_argument("src", metavar="SRC", type=Path, help="migration source directory")
+    build.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+                       help="bundle file to write (.zmb)")
+    build.add_argument("--key", action="append", required=True, type=Path, dest="keys",
+                       metavar="KEY", help="private key (NAME.key); repeat for more signers")
+    build.add_argument("--sequence", required=True, type=int, metavar="N",
+                       help="bundle sequence; must be above the last one a device applied")
+    validity = build.add_mutually_exclusive_group()
+    validity.add_argument("--expires", metavar="ISO", help="expiry time, e.g. "
+                          "2026-01-31T00:00:00Z")
+    validity.add_argument("--valid-days", type=float, metavar="D",
+                          help=f"expire D days after creation (default {DEFAULT_VALID_DAYS})")
+    build.add_argument("--created", metavar="ISO", help="creation time (default "
+                       "$SOURCE_DATE_EPOCH or now); fix it to rebuild byte-identically")
+    _add_json(build)
+    build.set_defaults(func=handle_build)
+
+    sign = actions.add_parser("sign", parents=[common_parent],
+                              help="add a signature to an existing bundle")
+    sign.add_argument("bundle", metavar="BUNDLE", type=Path)
+    sign.add_argument("--key", required=True, type=Path, metavar="KEY",
+                      help="private key (NAME.key) of the additional signer")
+    _add_json(sign)
+    sign.set_defaults(func=handle_sign)
+
+    verify = actions.add_parser("verify", parents=[common_parent],
+                                help="verify a bundle fully, without side effects")
+    verify.add_argument("bundle", metavar="BUNDLE", type=Path)
+    verify.add_argument("--trust", type=Path, metavar="DIR", default=None,
+                        help="directory of trusted .pub keys (default: config trust_dir)")
+    verify.add_argument("--threshold", type=int, metavar="K", default=None,
+                        help="signatures required (default: config signature_threshold)")
+    _add_json(verify)
+    verify.set_defaults(func=handle_verify)
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    # The common options may already provide --json (DESIGN.md: every command takes it).
+    with contextlib.suppress(argparse.ArgumentError):
+        parser.add_argument("--json", action="store_true",
+                            help="print one JSON object on stdout")
+
+
+def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj, sort_keys=True))
+    else:
+        print(text)
+
+
+def parse_time(value: str, what: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{what} {value!r} is not an ISO-8601 time; write it like "
+                         "2026-01-31T00:00:00Z") from None
+    if t.tzinfo is None:
+        raise UsageError(f"{what} {value!r} has no time zone; add Z for UTC "
+                         "(e.g. 2026-01-31T00:00:00Z)")
+    return t.astimezone(UTC)
+
+
+def _created(args: argparse.Namespace) -> datetime:
+    if args.created:
+        return parse_time(args.created, "--created")
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        try:
+            return datetime.fromtimestamp(int(epoch), UTC)
+        except (ValueError, OverflowError):
+            raise UsageError(f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time in "
+                             "seconds") from None
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def handle_keygen(args: argparse.Namespace, config: Config) -> int:
+    priv, pub = keygen(args.name)
+    kid = key_id(load_public_key(pub))
+    _emit(args, {"ok": True, "private_key": str(priv), "public_key": str(pub), "keyid": kid},
+          f"wrote {priv} (private, mode 0600: keep it off the devices and out of git)\n"
+          f"wrote {pub} (copy it into each device's trust directory)\n"
+          f"key id {kid}")
+    return 0
+
+
+def handle_build(args: argparse.Namespace, config: Config) -> int:
+    created = _created(args)
+    if args.expires:
+        expires = parse_time(args.expires, "--expires")
+    else:
+        days = args.valid_days if args.valid_days is not None else DEFAULT_VALID_DAYS
+        if days <= 0:
+            raise UsageError(f"--valid-days must be positive, got {days:g}")
+        expires = created + timedelta(days=days)
+    manifest = bundle_mod.build(args.src, args.output, list(args.keys), args.sequence,
+                                created=created, expires=expires)
+    sha = manifest_sha256(manifest.to_json())
+    signed_by = [key_id(load_private_key(k).public_key()) for k in args.keys]
+    _emit(args, {"ok": True, "bundle": str(args.output), "name": manifest.name,
+                 "sequence": manifest.sequence, "manifest_sha256": sha,
+                 "created": format_time(manifest.created),
+                 "expires": format_time(manifest.expires), "files": len(manifest.files),
+                 "migrations": [m.version for m in manifest.migrations],
+                 "signed_by": sorted(set(signed_by))},
+          f"built {args.output}: bundle {manifest.name} sequence {manifest.sequence}, "
+          f"{len(manifest.migrations)} migration(s), {len(manifest.files)} file(s)\n"
+          f"manifest sha256 {sha}\n"
+          f"valid {format_time(manifest.created)} to {format_time(manifest.expires)}, "
+          f"signed by {', '.join(sorted(set(signed_by)))}")
+    return 0
+
+
+def handle_sign(args: argparse.Namespace, config: Config) -> int:
+    signed_by = bundle_mod.sign(args.bundle, args.key, caps=Caps.from_config(config))
+    _emit(args, {"ok": True, "bundle": str(args.bundle), "signed_by": list(signed_by)},
+          f"signed {args.bundle}; it now carries {len(signed_by)} signature(s): "
+          f"{', '.join(signed_by)}")
+    return 0
+
+
+def handle_verify(args: argparse.Namespace, config: Config) -> int:
+    trust = TrustStore.from_config(config, directory=args.trust, threshold=args.threshold)
+    caps = Caps.from_config(config)
+    with tempfile.TemporaryDirectory(prefix="zmonitor-verify-") as tmp:
+        vb = bundle_mod.verify_bundle(args.bundle, trust, extract_to=Path(tmp) / "payload",
+                                      caps=caps)
+    manifest = vb.manifest
+    now = datetime.now(UTC)
+    db = Path(getattr(args, "db", None) or config.database)
+    state = device_state(db)
+    if state.exists:
+        decision: str | None = check_policy(
+            manifest, device_type=config.device_type, last_sequence=state.last_sequence,
+            last_manifest_sha256=state.last_manifest_sha256,
+            manifest_sha256=vb.manifest_sha256, applied=state.applied, now=now,
+            clock_slack_s=config.clock_slack_s).value
+        policy = (f"device {config.device_type}, database {db} at bundle sequence "
+                  f"{state.last_sequence or 0}: {decision}")
+    else:
+        check_expiry(manifest, now=now, clock_slack_s=config.clock_slack_s)
+        decision = None
+        policy = f"no database at {db}: checked expiry only, not device policy"
+    versions = [m.version for m in manifest.migrations]
+    span = f"versions {versions[0]}-{versions[-1]}" if versions else "no migrations"
+    _emit(args, {"ok": True, "bundle": str(args.bundle), "name": manifest.name,
+                 "sequence": manifest.sequence, "manifest_sha256": vb.manifest_sha256,
+                 "created": format_time(manifest.created),
+                 "expires": format_time(manifest.expires),
+                 "device_types": list(manifest.device_types), "files": len(manifest.files),
+                 "migrations": versions, "signed_by": list(vb.signed_by),
+                 "threshold": trust.threshold, "decision": decision,
+                 "database": str(db) if state.exists else None},
+          f"bundle {manifest.name} sequence {manifest.sequence}: verified\n"
+          f"  signed by {len(vb.signed_by)} trusted key(s), {trust.threshold} required: "
+          f"{', '.join(vb.signed_by)}\n"
+          f"  {len(manifest.files)} file(s), {len(versions)} migration(s) ({span}), "
+          f"expires {format_time(manifest.expires)}\n"
+          f"  policy: {policy}")
+    return 0

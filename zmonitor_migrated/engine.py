@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import sqlscript
-from .errors import MigrateError, MigrationSqlError
+from .errors import MigrateError, MigrationSqlError, PlanError
 from .plan import AppliedRow, Plan, plan, rollback_plan
 from .sources import Migration, Source
 
@@ -56,7 +56,8 @@ BATCH_DDL = f"""CREATE TABLE IF NOT EXISTS {BATCH_TABLE} (
     batches_done INTEGER NOT NULL,
     batches_total INTEGER NOT NULL,
     rows_changed INTEGER NOT NULL,
-    elapsed_ms INTEGER NOT NULL
+    elapsed_ms INTEGER NOT NULL,
+    file_hash TEXT
 )"""
 # Read-only introspection a migration may use; every other PRAGMA is the runner's.
 _READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo",
@@ -114,7 +115,9 @@ def _authorizer(action: int, arg1: str | None, arg2: str | None, _db: str | None
 
 
 def _explain_denied(stmt: sqlscript.Statement, message: str) -> str:
-    head = stmt.head.split(" ", 1)[0]
+    head = stmt.head.replace(";", " ").split(" ", 1)[0]
+    if "LOAD_EXTENSION" in stmt.head:
+        head = "load_extension()"
     if "not authorized" in message:
         return (f"{head} is not allowed in a migration ({message}): ATTACH/DETACH, "
                 "extension loading, state-changing PRAGMAs and transaction control belong "
@@ -208,6 +211,17 @@ class Engine:
     def rollback(self, source: Source, to: int) -> list[int]:
         """Run rollback scripts newest first down to version ``to`` (exclusive)."""
         undo = rollback_plan(source.migrations, self.applied(), to)
+        if self._has_table(BATCH_TABLE):
+            half = self.conn.execute(
+                f"SELECT version, batches_done, batches_total FROM {BATCH_TABLE} "
+                "ORDER BY version").fetchone()
+            if half is not None:
+                # Its committed batches have no version row, so no rollback script would
+                # undo them, and a later apply would resume from a stale range.
+                raise PlanError(
+                    f"migration {half[0]} is half applied (batch {half[1]}/{half[2]}); "
+                    "finish it with apply or restore a backup before rolling back",
+                    kind="batch-in-progress")
         undone: list[int] = []
         for index, mig in enumerate(undo, start=1):
             assert mig.rollback is not None  # rollback_plan guarantees it
@@ -264,6 +278,31 @@ class Engine:
             raise MigrationSqlError(path, 1, f"foreign key violations after the migration: "
                                     f"{shown}{' …' if len(rows) > 5 else ''}", version=version)
 
+    def _sequences(self) -> dict[str, int]:
+        if not self._has_table("sqlite_sequence"):
+            return {}
+        return {name: seq for name, seq in
+                self.conn.execute("SELECT name, seq FROM sqlite_sequence")
+                if isinstance(name, str) and isinstance(seq, int)}
+
+    def _keep_sequences(self, before: dict[str, int]) -> None:
+        """AUTOINCREMENT promises ids are never reused. A rebuild (create x_new, copy, drop
+        x, rename) leaves x_new's sequence at the highest *copied* id, below the old one
+        when the newest rows had been deleted; put every surviving AUTOINCREMENT table's
+        sequence back to at least what it was."""
+        for name, seq in before.items():
+            row = self.conn.execute(
+                "SELECT sql FROM sqlite_master WHERE type='table' AND name=?",
+                (name,)).fetchone()
+            if row is None or "AUTOINCREMENT" not in (row[0] or "").upper():
+                continue  # dropped for good, or no longer AUTOINCREMENT
+            cur = self.conn.execute(
+                "UPDATE sqlite_sequence SET seq=? WHERE name=? AND seq<?", (seq, name, seq))
+            if cur.rowcount == 0 and self.conn.execute(
+                    "SELECT 1 FROM sqlite_sequence WHERE name=?", (name,)).fetchone() is None:
+                self.conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
+                                  (name, seq))
+
     def _run_transaction(self, path: str, version: int, text: str,
                          after: Callable[[], object]) -> None:
         statements = self._statements(path, version, text)
@@ -272,8 +311,10 @@ class Engine:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
+                sequences = self._sequences()
                 for stmt in statements:
                     self._execute(path, version, stmt)
+                self._keep_sequences(sequences)
                 self._fk_violations(path, version)
                 after()
                 self.conn.execute("COMMIT")
@@ -288,9 +329,21 @@ class Engine:
         assert mig.batch is not None
         table, size = mig.batch.table, mig.batch.size
         statements = self._statements(mig.path, mig.version, text)
-        state = self.conn.execute(
+        row = self.conn.execute(
             f"SELECT next_rowid, max_rowid, batches_done, batches_total, rows_changed, "
-            f"elapsed_ms FROM {BATCH_TABLE} WHERE version=?", (mig.version,)).fetchone()
+            f"elapsed_ms, file_hash FROM {BATCH_TABLE} WHERE version=?",
+            (mig.version,)).fetchone()
+        state: tuple[int, int, int, int, int, int] | None = None
+        if row is not None:
+            if row[6] != mig.sha256:
+                # Resuming with other SQL would mix two migrations in one table.
+                raise PlanError(
+                    f"migration {mig.version} ({mig.path}) is half applied "
+                    f"(batch {row[2]}/{row[3]}) with sha256 {str(row[6])[:12]}… but the "
+                    f"source now has {mig.sha256[:12]}…: a started migration must not be "
+                    "modified; restore the backup",
+                    kind="applied-migration-changed")
+            state = row[:6]
         if state is None:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
@@ -300,11 +353,14 @@ class Engine:
                 self.conn.execute("ROLLBACK")
                 raise MigrationSqlError(mig.path, 1, f"batch table {table!r}: {exc}",
                                         version=mig.version) from None
-            lo, hi = (lo or 1), (hi or 0)
+            # Not ``lo or 1``: rowid 0 (and negative rowids) are valid and must be walked.
+            lo, hi = (1, 0) if lo is None else (lo, hi)
             total = max(0, (hi - lo) // size + 1) if hi >= lo else 0
             state = (lo, hi, 0, total, 0, 0)
-            self.conn.execute(f"INSERT INTO {BATCH_TABLE} VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              (mig.version, *state))
+            self.conn.execute(
+                f"INSERT INTO {BATCH_TABLE} (version, next_rowid, max_rowid, batches_done, "
+                f"batches_total, rows_changed, elapsed_ms, file_hash) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (mig.version, *state, mig.sha256))
             self.conn.execute("COMMIT")
         next_rowid, max_rowid, batches_done, total, rows_changed, elapsed_ms = state
         fk_before = self.conn.execute("PRAGMA foreign_keys").fetchone()[0]

@@ -97,6 +97,9 @@ def _first_code_offset(chunk: str) -> int | None:
 
 def split(text: str) -> list[Statement]:
     """Every statement of the file, in order, with its line; nothing dropped."""
+    if text.startswith("\ufeff"):
+        # A byte-order mark (editors on Windows) is not SQL: blank it, keeping offsets.
+        text = " " + text[1:]
     statements: list[Statement] = []
     start = 0
     pos = 0

@@ -54,7 +54,7 @@ def handle_ddl(args: argparse.Namespace, config: Any) -> int:
     spec = schema_spec.load_spec(args.spec)
     text = schema_spec.ddl(spec)
     if getattr(args, "json", False):
-        print(json.dumps({"spec": str(args.spec), "ddl": text}))
+        print(json.dumps({"ok": True, "spec": str(args.spec), "ddl": text}))
     else:
         print(text, end="")
     return 0
@@ -82,8 +82,8 @@ def handle_diff(args: argparse.Namespace, config: Any) -> int:
     finally:
         conn.close()
     if getattr(args, "json", False):
-        print(json.dumps({"spec": str(args.spec), "database": str(db),
-                          "same": not differences, "differences": differences}))
+        print(json.dumps({"ok": not differences, "spec": str(args.spec), "database": str(db),
+                          "differences": differences}))
     elif differences:
         print(f"{db} differs from {args.spec} ({len(differences)} difference(s)):")
         for line in differences:

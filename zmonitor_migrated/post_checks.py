@@ -44,7 +44,7 @@ _READ_ONLY_PRAGMAS = {"foreign_key_check", "integrity_check", "quick_check", "ta
                       "table_xinfo", "index_list", "index_info", "index_xinfo",
                       "foreign_key_list"}
 _ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
-                    getattr(sqlite3, "SQLITE_RECURSIVE", 33)}
+                    sqlite3.SQLITE_RECURSIVE}
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ The ``database.yaml`` format::
 
 A single ``INTEGER`` primary key is SQLite's rowid alias and never NULL: it is treated
 as ``nullable: false`` whatever the file or ``PRAGMA table_info`` says. Not covered:
-views, triggers, collations, index sort order, generated columns.
+views, triggers, collations, index sort order, generated columns, WITHOUT ROWID.
 
 Example::
 

@@ -1,0 +1,152 @@
+"""Backups of the live database and putting one back.
+
+Guarantees:
+
+- A backup is named ``<db-name>-<UTC YYYYmmddTHHMMSSZ>-v<version>.db`` and has a
+  ``.sha256`` sidecar; both are fsynced, and so is the backup directory.
+- In the swap design the backup is a hard link to the untouched original inode (no copy
+  during the downtime); where the backup dir is on another filesystem it is a streamed,
+  fsynced copy.
+- ``restore`` checks the backup against its recorded sha256 *before* touching the live
+  path (a corrupted backup overwrites nothing), copies it next to the live file, removes
+  the live file's ``-wal``/``-shm``/``-journal`` first (a stale side file of the other
+  database must never be applied to the restored one), then renames and fsyncs the dir.
+- ``prune`` keeps the newest ``keep`` backups and never deletes a protected one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import fsutil
+from .errors import RestoreFailed
+
+
+@dataclass(frozen=True)
+class Backup:
+    path: Path
+    sha256: str
+    version: int
+    linked: bool
+
+    @property
+    def checksum_path(self) -> Path:
+        return checksum_path(self.path)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"path": str(self.path), "sha256": self.sha256, "version": self.version,
+                "linked": self.linked}
+
+
+def checksum_path(backup: Path) -> Path:
+    return backup.with_name(backup.name + ".sha256")
+
+
+def backup_name(db: Path, version: int, now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return f"{db.stem}-{stamp}-v{version}.db"
+
+
+def _pattern(db: Path) -> re.Pattern[str]:
+    return re.compile(rf"^{re.escape(db.stem)}-\d{{8}}T\d{{6}}Z(?:-\d+)?-v\d+\.db$")
+
+
+def list_backups(db: Path, backup_dir: Path) -> list[Path]:
+    if not backup_dir.is_dir():
+        return []
+    pat = _pattern(db)
+    found = [p for p in backup_dir.iterdir() if pat.match(p.name)]
+    return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
+
+
+def _unique(path: Path) -> Path:
+    if not path.exists():
+        return path
+    for i in range(1, 1000):
+        cand = path.with_name(re.sub(r"(-v\d+\.db)$", rf"-{i}\1", path.name))
+        if not cand.exists():
+            return cand
+    raise FileExistsError(path)
+
+
+def write_checksum(backup: Path, sha256: str) -> None:
+    fsutil.atomic_write(checksum_path(backup), f"{sha256}  {backup.name}\n".encode())
+
+
+def read_checksum(backup: Path) -> str | None:
+    try:
+        return checksum_path(backup).read_text().split()[0]
+    except (FileNotFoundError, IndexError):
+        return None
+
+
+def take(db: Path, backup_dir: Path, version: int, sha256: str | None) -> Backup:
+    """Back up ``db`` (which nobody writes to now) into ``backup_dir``."""
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    target = _unique(backup_dir / backup_name(db, version))
+    linked = fsutil.same_filesystem(db, backup_dir)
+    if linked:
+        os.link(db, target)
+        digest = sha256 or fsutil.sha256_file(target)
+    else:
+        digest = fsutil.copy_durable(db, target)
+        if sha256 and digest != sha256:
+            fsutil.remove(target)
+            raise OSError(f"backup copy of {db} does not match the bytes read before")
+    write_checksum(target, digest)
+    fsutil.fsync_dir(backup_dir)
+    return Backup(target, digest, version, linked)
+
+
+def verify(backup: Path, expected: str | None = None) -> str:
+    """Return the backup's sha256 after checking it against the recorded one."""
+    if not backup.is_file():
+        raise RestoreFailed(f"backup {backup} is missing; nothing was overwritten. Pick "
+                            "another backup with 'zmonitor-migrate restore BACKUP'")
+    recorded = expected or read_checksum(backup)
+    actual = fsutil.sha256_file(backup)
+    if recorded is None:
+        raise RestoreFailed(f"backup {backup} has no recorded checksum, so it cannot be "
+                            "trusted; nothing was overwritten")
+    if actual != recorded:
+        raise RestoreFailed(f"backup {backup} is corrupted: sha256 {actual[:12]}… but "
+                            f"{recorded[:12]}… was recorded when it was taken; nothing was "
+                            "overwritten. Pick another backup with 'zmonitor-migrate restore "
+                            "BACKUP'")
+    return actual
+
+
+def restore(backup: Path, db: Path, expected: str | None = None) -> None:
+    """Put ``backup`` in place of ``db`` atomically. Raises RestoreFailed."""
+    digest = verify(backup, expected)
+    tmp = db.with_name(db.name + ".restoring")
+    try:
+        fsutil.remove(tmp)
+        copied = fsutil.copy_durable(backup, tmp)
+        if copied != digest:
+            raise RestoreFailed(f"copy of backup {backup} read back differently; the disk is "
+                                "failing? nothing was overwritten")
+        if db.exists():
+            fsutil.copy_owner(db, tmp)
+        fsutil.remove_sidecars(db)
+        os.replace(tmp, db)
+        fsutil.fsync_dir(db.parent)
+    except OSError as exc:
+        fsutil.remove(tmp)
+        raise RestoreFailed(f"restoring {backup} over {db} failed: {exc}; every file was "
+                            "kept for the operator") from None
+
+
+def prune(db: Path, backup_dir: Path, keep: int, protect: set[Path]) -> list[Path]:
+    backups = list_backups(db, backup_dir)
+    doomed = [b for b in backups[:-keep] if b not in protect] if keep else []
+    for b in doomed:
+        fsutil.remove(b)
+        fsutil.remove(checksum_path(b))
+    if doomed:
+        fsutil.fsync_dir(backup_dir)
+    return doomed

@@ -1,0 +1,288 @@
+"""``zmonitor-migrate``: a thin command line over the library.
+
+Command functions parse arguments, call one library function and print; none opens
+SQLite itself. Every ``MigrateError`` becomes its documented exit code here, in one
+place (``main``); with ``--json`` stdout carries exactly one JSON object.
+
+Exit codes: 0 applied or up to date · 1 internal error · 2 usage or config error ·
+3 bundle rejected · 4 pre-check or rehearsal failed (app never stopped) · 5 migration
+failed, backup restored · 6 restore failed (manual action) · 7 another run holds the lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, cli_bundle, cli_schema
+from . import config as config_mod
+from .config import Config
+from .errors import MigrateError, UsageError
+from .progress import Reporter, default_sinks
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help="config file (default /etc/zmonitor-migrated/config.yaml, "
+                             "or $ZMONITOR_MIGRATE_CONFIG)")
+    common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH", type=Path,
+                        help="database path, overriding the config")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON object on stdout and nothing else there")
+    return common
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the run polls it at safe points."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def __call__(self) -> bool:
+        return self.set
+
+    def install(self) -> None:
+        def handler(_signum: int, _frame: object) -> None:
+            self.set = True
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def _reporter(args: argparse.Namespace, config: Config) -> Reporter:
+    return Reporter(default_sinks(config.status_path, tty=None if not _json(args) else False))
+
+
+def _json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False))
+
+
+def _print(args: argparse.Namespace, obj: dict[str, Any], lines: list[str]) -> None:
+    if _json(args):
+        print(json.dumps(obj, sort_keys=True, default=str))
+    else:
+        for line in lines:
+            print(line)
+
+
+# -- commands ---------------------------------------------------------------------------
+def cmd_lint(args: argparse.Namespace, config: Config) -> int:
+    from .lint import lint_source
+
+    problems = lint_source(args.source)
+    errors = [p for p in problems if p.severity == "error"]
+    _print(args, {"ok": not errors, "problems": [p.__dict__ for p in problems]},
+           [str(p) for p in problems] + [f"{len(errors)} error(s), "
+                                         f"{len(problems) - len(errors)} warning(s)"])
+    return 3 if errors else 0
+
+
+def cmd_apply(args: argparse.Namespace, config: Config) -> int:
+    from . import pipeline
+
+    stop = StopFlag()
+    stop.install()
+    result = pipeline.apply(args.bundle, config, reporter=_reporter(args, config),
+                            dry_run=args.dry_run, target=args.target,
+                            allow_long=args.allow_long, wait=args.wait, stop_requested=stop)
+    lines = []
+    if result.plan is not None and args.dry_run:
+        lines += result.plan.describe()
+        lines.append(f"rehearsal passed; estimated downtime {result.estimate_s:.2f} s")
+    lines.append(f"{result.outcome}: run {result.run_id}"
+                 + (f", version {result.from_version} → {result.to_version}"
+                    if result.to_version is not None else "")
+                 + (f", downtime {result.downtime_s:.2f} s" if result.downtime_s else ""))
+    _print(args, result.to_dict(), lines)
+    return result.exit_code
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from .status import collect, render
+
+    info = collect(config, source=args.source)
+    _print(args, info, render(info))
+    return 0
+
+
+def cmd_history(args: argparse.Namespace, config: Config) -> int:
+    from .history import read
+
+    records = read(config.history_path)
+    lines = []
+    for r in records:
+        down = r.get("downtime_s")
+        lines.append(f"{r.get('run_id')}  {r.get('outcome'):15s} {r.get('bundle') or '-'}"
+                     f" seq {r.get('sequence') or '-'}  v{r.get('from_version')}→"
+                     f"v{r.get('to_version')}  downtime "
+                     f"{'-' if down is None else f'{down:.2f}s'}"
+                     + (f"  error: {r['error'].get('message')}" if r.get("error") else ""))
+    _print(args, {"ok": True, "runs": records}, lines or ["no runs yet"])
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace, config: Config) -> int:
+    from .lock import RunLock
+    from .recovery import recover
+    from .services import for_unit
+
+    with RunLock(config.lock_path, wait=True):
+        outcome = recover(config, services=for_unit(config.app_unit, config.systemctl),
+                          reporter=_reporter(args, config))
+    _print(args, {"ok": True, "outcome": outcome},
+           [f"recovered: {outcome}" if outcome else "nothing to recover"])
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace, config: Config) -> int:
+    from .maintenance import gate
+
+    ok, message = gate(config, Reporter(default_sinks(None, tty=False)))
+    _print(args, {"ok": ok, "message": message}, [message])
+    return 0 if ok else 1
+
+
+def cmd_restore(args: argparse.Namespace, config: Config) -> int:
+    from .maintenance import restore
+
+    path = restore(config, backup=args.backup, run_id=args.run, wait=args.wait,
+                   reporter=_reporter(args, config))
+    _print(args, {"ok": True, "restored": str(path)}, [f"restored {path}"])
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
+    from .maintenance import rollback
+
+    result = rollback(config, to=args.to, source_dir=args.source, bundle=args.bundle,
+                      wait=args.wait, reporter=_reporter(args, config))
+    _print(args, result, [f"rolled back to version {args.to}: run {result['run_id']}"])
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace, config: Config) -> int:
+    from .daemon import run_daemon
+
+    return run_daemon(config)
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    from .demo import run_demo
+
+    return run_demo(workdir=args.workdir, vitals=args.vitals)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="zmonitor-migrate", parents=[common],
+        description="Verify signed migration bundles and apply them to the Z Monitor "
+                    "database safely: back up, migrate, validate, restore on any failure.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("lint", parents=[common], help="check a migration source")
+    p.add_argument("source", type=Path, metavar="SRC")
+    p.set_defaults(func=cmd_lint)
+
+    p = sub.add_parser("apply", parents=[common], help="apply a signed bundle (one full run)")
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("--dry-run", action="store_true",
+                   help="verify, pre-check and rehearse only; print the plan")
+    p.add_argument("--target", type=int, metavar="N", help="stop at version N")
+    p.add_argument("--allow-long", action="store_true",
+                   help="accept a downtime estimate above max_downtime_s")
+    p.add_argument("--wait", action="store_true", help="wait for another run's lock")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("status", parents=[common], help="version, applied, pending, last run")
+    p.add_argument("--source", type=Path, metavar="SRC",
+                   help="migration source to compute pending migrations against")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("history", parents=[common], help="past runs")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("recover", parents=[common], help="finish an interrupted run")
+    p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("gate", parents=[common],
+                       help="exit 0 if the app may start now (the app unit's ExecStartPre)")
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("restore", parents=[common], help="put a backup back")
+    p.add_argument("backup", type=Path, nargs="?", metavar="BACKUP",
+                   help="backup file (default: the newest, or the one of --run)")
+    p.add_argument("--run", metavar="RUN_ID", help="restore the backup taken by this run")
+    p.add_argument("--wait", action="store_true", help="wait for another run's lock")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("rollback", parents=[common], help="run rollback scripts down to N")
+    p.add_argument("--to", type=int, required=True, metavar="N")
+    p.add_argument("--source", type=Path, metavar="SRC", help="migration source directory")
+    p.add_argument("--bundle", type=Path, metavar="BUNDLE",
+                   help="signed bundle holding the rollback scripts (verified first)")
+    p.add_argument("--wait", action="store_true", help="wait for another run's lock")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("daemon", parents=[common],
+                       help="recover, process the inbox, watch it (the systemd service)")
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("demo", parents=[common],
+                       help="a full run on a sample database with a throw-away key")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where to put the demo files (default: a new temporary directory)")
+    p.add_argument("--vitals", type=int, default=300_000, help="vitals rows in the sample DB")
+    p.set_defaults(func=cmd_demo)
+
+    cli_bundle.register(sub, common)
+    cli_schema.register(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) if exc.code in (0, None) else 2
+    as_json = _json(args)
+    try:
+        config = config_mod.load(getattr(args, "config", None))
+        if getattr(args, "db", None):
+            config = config.with_overrides(database=args.db.absolute())
+        return int(args.func(args, config))
+    except MigrateError as exc:
+        if as_json:
+            print(json.dumps({"ok": False, "error": exc.to_dict()}, sort_keys=True))
+        print(f"zmonitor-migrate: error [{exc.kind}]: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("zmonitor-migrate: interrupted", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the one place an unexpected error becomes exit 1
+        if as_json:
+            print(json.dumps({"ok": False, "error": {"kind": "internal",
+                                                     "message": repr(exc)}}))
+        traceback.print_exc()
+        print(f"zmonitor-migrate: internal error: {exc!r}", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["UsageError", "build_parser", "main"]

@@ -1,0 +1,73 @@
+"""Read-only facts about a database: integrity, foreign keys, row counts, size, content.
+
+Every function takes a connection or a path and changes nothing; ``open_ro`` opens a
+file read-only through a URI so even a bug here cannot write to the patient database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+from .engine import BATCH_TABLE
+
+INTERNAL_TABLES = ("schema_version", BATCH_TABLE, "zmonitor_migrated_bundles")
+
+
+def open_ro(path: Path, *, timeout: float = 5.0) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                           timeout=timeout)
+
+
+def integrity_problems(conn: sqlite3.Connection, *, quick: bool = False,
+                       limit: int = 20) -> list[str]:
+    pragma = "quick_check" if quick else "integrity_check"
+    rows = [r[0] for r in conn.execute(f"PRAGMA {pragma}({limit})").fetchall()]
+    return [] if rows == ["ok"] else rows
+
+
+def fk_problems(conn: sqlite3.Connection, limit: int = 20) -> list[str]:
+    out = []
+    for table, rowid, parent, _ in conn.execute("PRAGMA foreign_key_check").fetchmany(limit):
+        out.append(f"{table} rowid {rowid} references a missing row in {parent}")
+    return out
+
+
+def user_tables(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' "
+        "ORDER BY name")]
+
+
+def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
+    return {t: conn.execute(f'SELECT COUNT(*) FROM "{t}"').fetchone()[0]
+            for t in user_tables(conn) if t not in INTERNAL_TABLES}
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    if "schema_version" not in user_tables(conn):
+        return 0
+    return conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+
+
+def journal_mode(conn: sqlite3.Connection) -> str:
+    return str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+
+def content_hash(path: Path) -> str:
+    """A hash of the logical content (schema and every row, in rowid order), independent
+    of page layout: equal hashes mean the same data, whatever the file bytes."""
+    h = hashlib.sha256()
+    conn = open_ro(path)
+    try:
+        for line in conn.iterdump():
+            h.update(line.encode("utf-8"))
+            h.update(b"\n")
+    finally:
+        conn.close()
+    return h.hexdigest()
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0

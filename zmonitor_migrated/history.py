@@ -1,0 +1,92 @@
+"""Run history (one JSON object a line, fsynced) and Prometheus textfile metrics.
+
+The history is append-only: each finished run adds one record with its phase timings,
+downtime, per-table row counts and DB size before and after, backup, outcome and error.
+Metrics are derived from the history every time (never counted separately), so they
+cannot drift from it; they are written atomically for node_exporter's textfile collector.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .fsutil import atomic_write
+
+RESTORING_OUTCOMES = ("restored", "recovered-old", "rolled-back")
+
+
+def append(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line after a power cut: the run it described is re-recorded
+    return records
+
+
+def render_metrics(records: list[dict[str, Any]], *, current_version: int | None,
+                   db_size: int | None) -> str:
+    by_outcome: dict[str, int] = {}
+    for r in records:
+        by_outcome[r.get("outcome", "unknown")] = by_outcome.get(r.get("outcome", "unknown"),
+                                                                 0) + 1
+    lines = [
+        "# HELP zmonitor_migrate_runs_total Migration runs by outcome.",
+        "# TYPE zmonitor_migrate_runs_total counter",
+    ]
+    lines += [f'zmonitor_migrate_runs_total{{outcome="{o}"}} {n}'
+              for o, n in sorted(by_outcome.items())]
+    restores = sum(1 for r in records if r.get("outcome") in RESTORING_OUTCOMES
+                   or r.get("restored"))
+    lines += ["# HELP zmonitor_migrate_restores_total Runs that put a backup back or rolled "
+              "back.", "# TYPE zmonitor_migrate_restores_total counter",
+              f"zmonitor_migrate_restores_total {restores}"]
+    if records:
+        last = records[-1]
+        lines += [
+            "# HELP zmonitor_migrate_last_run_timestamp_seconds End of the last run.",
+            "# TYPE zmonitor_migrate_last_run_timestamp_seconds gauge",
+            f"zmonitor_migrate_last_run_timestamp_seconds {last.get('finished_at', 0):.3f}",
+            "# HELP zmonitor_migrate_last_run_duration_seconds Duration of the last run.",
+            "# TYPE zmonitor_migrate_last_run_duration_seconds gauge",
+            f"zmonitor_migrate_last_run_duration_seconds {last.get('duration_s', 0):.3f}",
+            "# HELP zmonitor_migrate_last_downtime_seconds App stopped to started, last run.",
+            "# TYPE zmonitor_migrate_last_downtime_seconds gauge",
+            f"zmonitor_migrate_last_downtime_seconds {last.get('downtime_s') or 0:.3f}",
+            "# HELP zmonitor_migrate_last_run_success 1 if the last run applied or was "
+            "up to date.", "# TYPE zmonitor_migrate_last_run_success gauge",
+            f"zmonitor_migrate_last_run_success "
+            f"{int(last.get('outcome') in ('applied', 'up-to-date'))}",
+        ]
+    if current_version is not None:
+        lines += ["# HELP zmonitor_db_schema_version Current schema version.",
+                  "# TYPE zmonitor_db_schema_version gauge",
+                  f"zmonitor_db_schema_version {current_version}"]
+    if db_size is not None:
+        lines += ["# HELP zmonitor_db_size_bytes Size of the monitor database file.",
+                  "# TYPE zmonitor_db_size_bytes gauge", f"zmonitor_db_size_bytes {db_size}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, text.encode())

@@ -1,0 +1,668 @@
+"""One migration run, end to end (DESIGN.md "One run, end to end").
+
+::
+
+    verify (private copy) → pre-checks + rehearsal on a snapshot        [app running]
+    → stop app → back up (hard link) → copy → migrate the copy → validate
+    → rename the copy over the live file → start app → health gate → commit
+    any failure after the stop → restore → start app
+
+Guarantees:
+
+- Everything that can fail without the app stopped (signature, policy, integrity,
+  foreign keys, free space, a full rehearsal of the bundle on an online snapshot, the
+  downtime estimate) fails *before* the stop: exit 3 or 4, app untouched.
+- The live file is never written by a migration. The copy is migrated and validated,
+  then ``rename(2)``-ed over the live path, so a crash at any instant leaves either the
+  old database (every row intact) or the migrated, validated one. Until the rename,
+  failing needs no restore: the copy is discarded. After it, the backup is restored.
+- The journal is written before each phase's work; ``recovery.recover`` finishes any run
+  it finds open, so the app is never left stopped because this process died.
+- Downtime is measured from the moment the stop is requested until ``systemctl start``
+  returns (the app is ready: it is ``Type=notify``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import backup as backups
+from . import dbinfo, fsutil, history
+from .config import Config
+from .engine import Engine, Interrupted, Progress
+from .errors import (
+    BundleRejected,
+    MigrateError,
+    MigrationFailed,
+    PlanError,
+    PrecheckFailed,
+    RestoreFailed,
+)
+from .journal import Journal, Phase
+from .lock import RunLock
+from .plan import Plan
+from .progress import Reporter
+from .services import ServiceManager, for_unit
+from .sources import Source
+
+BUNDLES_DDL = """CREATE TABLE IF NOT EXISTS zmonitor_migrated_bundles (
+    sequence INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    applied_at TEXT NOT NULL,
+    run_id TEXT
+)"""
+SLOW_RUN_S = 300.0  # seed section 13: "migration takes > 5 minutes"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    outcome: str  # applied | up-to-date | dry-run | rejected | precheck-failed | restored | ...
+    exit_code: int = 0
+    bundle: str | None = None
+    sequence: int | None = None
+    from_version: int | None = None
+    to_version: int | None = None
+    downtime_s: float | None = None
+    estimate_s: float | None = None
+    backup: str | None = None
+    plan: Plan | None = None
+    phase_times: dict[str, float] = field(default_factory=dict)
+    error: MigrateError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ok": self.ok, "run_id": self.run_id, "outcome": self.outcome,
+            "exit_code": self.exit_code, "bundle": self.bundle, "sequence": self.sequence,
+            "from_version": self.from_version, "to_version": self.to_version,
+            "downtime_s": self.downtime_s, "estimate_s": self.estimate_s,
+            "backup": self.backup, "phase_times": self.phase_times,
+        }
+        if self.plan is not None:
+            out["plan"] = self.plan.to_dict()
+        if self.error is not None:
+            out["error"] = self.error.to_dict()
+        return out
+
+
+@dataclass
+class Verified:
+    """What verification hands to the run: the manifest and the checked payload."""
+
+    name: str
+    sequence: int
+    manifest_sha256: str
+    source: Source
+    declared_loss: set[str]
+
+
+class Run:
+    """State of one run; ``execute`` drives it through the journal's phases."""
+
+    def __init__(self, config: Config, *, services: ServiceManager, reporter: Reporter,
+                 stop_requested: Callable[[], bool], now: Callable[[], datetime]) -> None:
+        self.config = config
+        self.services = services
+        self.reporter = reporter
+        self.stop_requested = stop_requested
+        self.now = now
+        self.db = config.database
+        self.journal: Journal | None = None
+        self.record: dict[str, Any] = {}
+        self.t_stop: float | None = None
+        self.t_start: float | None = None
+        self.deadline: float | None = None
+        self.rollback_to: int | None = None  # set for 'rollback --to N' runs
+
+    def _work(self, eng: Engine, source: Source, the_plan: Plan) -> None:
+        if self.rollback_to is None:
+            eng.apply(source, the_plan=the_plan)
+        else:
+            eng.rollback(source, self.rollback_to)
+
+    # -- helpers --------------------------------------------------------------------
+    def emit(self, phase: str, message: str, **fields: Any) -> None:
+        self.reporter.emit(phase, message, **fields)
+
+    def _progress(self, phase: str) -> Callable[[Progress], None]:
+        def on_progress(p: Progress) -> None:
+            if p.batches:
+                self.emit(phase, f"{p.path} batch {p.batch}/{p.batches}", version=p.version,
+                          batch=p.batch, batches=p.batches, rows=p.rows,
+                          percent=100.0 * p.batch / max(1, p.batches), eta_s=p.eta_s)
+            elif not p.done:
+                self.emit(phase, f"{p.path} ({p.index}/{p.count})", version=p.version,
+                          percent=100.0 * (p.index - 1) / max(1, p.count))
+        return on_progress
+
+    def _should_stop(self) -> bool:
+        self.reporter.heartbeat()
+        if self.stop_requested():
+            return True
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def _interrupt_reason(self) -> str:
+        if self.stop_requested():
+            return "stop requested (SIGTERM); stopped at a safe point"
+        return (f"the downtime budget max_downtime_s={self.config.max_downtime_s:g} ran out "
+                "mid-apply")
+
+    # -- phases -----------------------------------------------------------------------
+    def precheck(self, verified: Verified, target: int | None, allow_long: bool,
+                 run_dir: Path) -> tuple[Plan, float, dict[str, int]]:
+        """Checks and rehearsal while the app runs. Raises PrecheckFailed."""
+        cfg = self.config
+        if not self.db.is_file():
+            raise PrecheckFailed(f"database {self.db} does not exist; check 'database' in the "
+                                 "config (the app creates it on its first start)",
+                                 kind="database-missing")
+        try:
+            conn = dbinfo.open_ro(self.db)
+            try:
+                bad = dbinfo.integrity_problems(conn, quick=cfg.integrity_check == "quick")
+                if bad:
+                    self.reporter.alert("precheck-failed", f"database {self.db} fails its "
+                                        f"integrity check: {'; '.join(bad[:3])}")
+                    raise PrecheckFailed(f"database {self.db} fails its integrity check "
+                                         f"({'; '.join(bad[:3])}); not migrating a damaged "
+                                         "database — restore a backup first",
+                                         kind="integrity")
+                fks = dbinfo.fk_problems(conn)
+                if fks:
+                    raise PrecheckFailed(f"database {self.db} has foreign-key violations "
+                                         f"before the run: {'; '.join(fks[:3])}",
+                                         kind="foreign-keys")
+                from .engine import read_applied
+                from .plan import plan as make_plan
+                from .plan import rollback_plan
+
+                try:
+                    applied = read_applied(conn)
+                    if self.rollback_to is None:
+                        the_plan = make_plan(verified.source.migrations, applied, target)
+                    else:
+                        undo = rollback_plan(verified.source.migrations, applied,
+                                             self.rollback_to)
+                        the_plan = Plan(current=max((r.version for r in applied), default=0),
+                                        target=self.rollback_to, pending=undo,
+                                        applied=tuple(applied))
+                except PlanError as exc:
+                    raise PrecheckFailed(exc.message, kind=exc.kind) from None
+                counts = dbinfo.row_counts(conn)
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise PrecheckFailed(f"database {self.db} cannot be read: {exc}",
+                                 kind="database-unreadable") from None
+        size = dbinfo.file_size(self.db)
+        need = int(size * 1.1) + 1024 * 1024
+        free = fsutil.free_bytes(run_dir)
+        if free < need:
+            raise PrecheckFailed(f"not enough space for the rehearsal in {run_dir}: need "
+                                 f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free",
+                                 kind="disk-space")
+        if the_plan.is_noop:
+            return the_plan, 0.0, counts
+        # Rehearsal: the whole bundle on an online snapshot, validated like the real run.
+        snapshot = run_dir / "rehearsal.db"
+        self.emit("rehearsal", f"rehearsing {len(the_plan.pending)} migration(s) on a "
+                               "snapshot")
+        t0 = time.monotonic()
+        try:
+            src = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+            dst = sqlite3.connect(snapshot)
+            try:
+                src.backup(dst, pages=4096)
+            finally:
+                dst.close()
+                src.close()
+            t_copy = time.monotonic() - t0
+            with Engine(snapshot, fast=True, on_progress=self._progress("rehearsal"),
+                        should_stop=lambda: (self.reporter.heartbeat(), False)[1]) as eng:
+                self._work(eng, verified.source, the_plan)
+                problems = self._validate(eng.conn, the_plan, counts, verified)
+            if problems:
+                raise PrecheckFailed("the rehearsal on a snapshot failed validation: "
+                                     + "; ".join(problems[:5]), kind="rehearsal-validation")
+            grown = dbinfo.file_size(snapshot)
+        except MigrateError as exc:
+            if isinstance(exc, PrecheckFailed):
+                raise
+            raise PrecheckFailed(f"the rehearsal on a snapshot failed: {exc.message}",
+                                 kind="rehearsal") from None
+        except (sqlite3.Error, OSError) as exc:
+            raise PrecheckFailed(f"the rehearsal on a snapshot failed: {exc}",
+                                 kind="rehearsal") from None
+        finally:
+            fsutil.remove(snapshot)
+            fsutil.remove_sidecars(snapshot)
+        estimate = time.monotonic() - t0
+        # The real copy is a plain file copy, faster than the online backup; keep the
+        # estimate conservative anyway (apply + validation dominate).
+        self.emit("rehearsal", f"rehearsal passed in {estimate:.2f} s (snapshot "
+                               f"{t_copy:.2f} s); estimated downtime {estimate:.2f} s")
+        if estimate > cfg.max_downtime_s and not allow_long:
+            raise PrecheckFailed(
+                f"estimated downtime {estimate:.1f} s exceeds max_downtime_s="
+                f"{cfg.max_downtime_s:g}; schedule a window and rerun with --allow-long, or "
+                "raise max_downtime_s", kind="downtime-estimate")
+        need = grown + (0 if self._backup_linkable() else size) + 1024 * 1024
+        free = fsutil.free_bytes(self.db.parent)
+        if free < need:
+            raise PrecheckFailed(f"not enough space next to {self.db}: need {need / 1e6:.1f} "
+                                 f"MB (migrated copy{'' if self._backup_linkable() else ' + '}"
+                                 f"{'' if self._backup_linkable() else 'backup copy'}), "
+                                 f"{free / 1e6:.1f} MB free", kind="disk-space")
+        return the_plan, estimate, counts
+
+    def _backup_linkable(self) -> bool:
+        try:
+            self.config.backup_dir.mkdir(parents=True, exist_ok=True)
+            return fsutil.same_filesystem(self.db, self.config.backup_dir)
+        except OSError:
+            return False
+
+    def _validate(self, conn: sqlite3.Connection, the_plan: Plan, counts: dict[str, int],
+                  verified: Verified) -> list[str]:
+        from .validate import validate
+
+        # Undoing migrations may remove what they added (seed rows), by definition.
+        loss = set(counts) if self.rollback_to is not None else verified.declared_loss
+        return validate(conn, target=the_plan.target,
+                        last_version=verified.source.last_version, counts_before=counts,
+                        declared_loss=loss,
+                        source_root=verified.source.root,
+                        quick=self.config.integrity_check == "quick")
+
+    def quiesce(self) -> str:
+        """Make the live file self-contained (no WAL content, no hot journal) and prove
+        nobody else holds it. Returns its journal mode."""
+        try:
+            conn = sqlite3.connect(self.db, isolation_level=None, timeout=2.0)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+                mode = dbinfo.journal_mode(conn)
+                if mode == "wal":
+                    busy, _log, _ckpt = conn.execute(
+                        "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                    if busy:
+                        raise sqlite3.OperationalError("database is locked")
+            finally:
+                conn.close()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise MigrateError(
+                    f"{self.db} is still locked by another process after the app was "
+                    "stopped (the app did not really stop, or something else holds the "
+                    "database); nothing was changed", kind="database-locked") from None
+            raise
+        wal = self.db.with_name(self.db.name + "-wal")
+        if wal.exists() and wal.stat().st_size:
+            raise MigrateError(f"{wal} still holds data after a checkpoint; nothing was "
+                               "changed", kind="wal-not-empty")
+        if self.db.with_name(self.db.name + "-journal").exists():
+            raise MigrateError(f"a hot journal next to {self.db} survived opening the "
+                               "database; nothing was changed", kind="hot-journal")
+        return mode
+
+    def execute(self, verified: Verified, *, dry_run: bool, target: int | None,
+                allow_long: bool, run_dir: Path) -> RunResult:
+        j = self.journal
+        assert j is not None
+        result = RunResult(run_id=j.run_id, outcome="", bundle=verified.name,
+                           sequence=verified.sequence)
+        self.record.update(bundle=verified.name, sequence=verified.sequence,
+                           db_size_before=dbinfo.file_size(self.db))
+        j.advance(Phase.VERIFIED, bundle_name=verified.name, sequence=verified.sequence,
+                  manifest_sha256=verified.manifest_sha256)
+        the_plan, estimate, counts = self.precheck(verified, target, allow_long, run_dir)
+        result.plan, result.estimate_s = the_plan, round(estimate, 3)
+        result.from_version, result.to_version = the_plan.current, the_plan.target
+        self.record.update(from_version=the_plan.current, to_version=the_plan.target,
+                           rows_before=counts, estimate_s=round(estimate, 3))
+        j.advance(Phase.PRECHECKED, from_version=the_plan.current, to_version=the_plan.target,
+                  estimate_s=estimate)
+        for line in the_plan.describe():
+            self.emit("plan", line)
+        if dry_run:
+            result.outcome = "dry-run"
+            return result
+        if the_plan.is_noop:
+            result.outcome = "up-to-date"
+            self.emit("plan", f"database already at version {the_plan.current}; nothing to do")
+            return result
+        return self._downtime(verified, the_plan, counts, result, allow_long)
+
+    def _downtime(self, verified: Verified, the_plan: Plan, counts: dict[str, int],
+                  result: RunResult, allow_long: bool) -> RunResult:
+        cfg = self.config
+        j = self.journal
+        assert j is not None
+        copy = self.db.with_name(f"{self.db.name}.migrating-{j.run_id}")
+        live_ino = os.stat(self.db).st_ino
+        j.advance(Phase.APP_STOPPED, copy=str(copy), live_inode=live_ino,
+                  app_unit=self.services.name)
+        self.t_stop = time.monotonic()
+        if not allow_long:
+            self.deadline = self.t_stop + cfg.max_downtime_s
+        try:
+            self.emit("app_stopped", f"stopping {self.services.name or '(no unit)'}")
+            self.services.stop(cfg.stop_timeout_s)
+            mode = self.quiesce()
+            version = the_plan.current
+            bk = backups.take(self.db, cfg.backup_dir, version, None)
+            j.advance(Phase.BACKED_UP, backup=str(bk.path), backup_sha256=bk.sha256,
+                      backup_linked=bk.linked, journal_mode=mode)
+            result.backup = str(bk.path)
+            self.record["backup"] = str(bk.path)
+            self.emit("backed_up", f"backup {bk.path} ({'hard link' if bk.linked else 'copy'})")
+            digest = fsutil.copy_durable(self.db, copy, sync=False)
+            if digest != bk.sha256:
+                raise MigrateError("the working copy differs from the backup; the disk or "
+                                   "another writer changed the database", kind="copy-mismatch")
+            j.advance(Phase.APPLYING, migration=the_plan.pending[0].version)
+            with Engine(copy, fast=True, on_progress=self._progress("applying"),
+                        should_stop=self._should_stop) as eng:
+                self._abort_long_statements(eng)
+                try:
+                    self._work(eng, verified.source, the_plan)
+                except Interrupted:
+                    raise MigrateError(self._interrupt_reason(), kind="interrupted") from None
+                if the_plan.target == verified.source.last_version:
+                    eng.conn.execute(BUNDLES_DDL)
+                    eng.conn.execute(
+                        "INSERT OR REPLACE INTO zmonitor_migrated_bundles VALUES (?,?,?,?,?)",
+                        (verified.sequence, verified.name, verified.manifest_sha256,
+                         self.now().strftime("%Y-%m-%dT%H:%M:%SZ"), j.run_id))
+                self.emit("validating", "post-migration validation of the migrated copy")
+                problems = self._validate(eng.conn, the_plan, counts, verified)
+                if problems:
+                    self.reporter.alert("validation-failed", "; ".join(problems[:5]))
+                    raise MigrateError("post-migration validation failed: "
+                                       + "; ".join(problems[:5]), kind="validation-failed")
+                self.record["rows_after"] = dbinfo.row_counts(eng.conn)
+            fsutil.fsync_file(copy)
+            fsutil.copy_owner(self.db, copy)
+            if any(p.exists() for p in fsutil.sidecars(copy)):
+                raise MigrateError(f"side files of {copy} survived closing it",
+                                   kind="copy-sidecars")
+            j.advance(Phase.VALIDATED)
+            j.advance(Phase.SWAPPING)
+            wal = self.db.with_name(self.db.name + "-wal")
+            if wal.exists() and wal.stat().st_size:
+                raise MigrateError(f"{wal} gained data while the app was stopped: another "
+                                   "writer is active", kind="concurrent-writer")
+            fsutil.remove_sidecars(self.db)
+            os.replace(copy, self.db)
+            fsutil.fsync_dir(self.db.parent)
+            j.advance(Phase.SWAPPED, swapped=True)
+            self.emit("swapped", f"migrated database is live at version {the_plan.target}")
+            self.services.start()
+            self.t_start = time.monotonic()
+            downtime = self.t_start - self.t_stop
+            j.advance(Phase.APP_STARTED, downtime_s=downtime)
+            result.downtime_s = round(downtime, 3)
+            self.emit("app_started", f"{self.services.name or '(no unit)'} started after "
+                                     f"{downtime:.2f} s downtime; health gate "
+                                     f"{cfg.health_check_s:g} s")
+            self.services.health_gate(cfg.health_check_s, tick=self.reporter.heartbeat)
+            j.advance(Phase.COMMITTED)
+        except BaseException as exc:
+            err = exc if isinstance(exc, MigrateError) else MigrateError(
+                f"{type(exc).__name__}: {exc}", kind="internal")
+            self.fail(err)
+            raise AssertionError("unreachable") from None
+        result.outcome = "applied"
+        self.record["db_size_after"] = dbinfo.file_size(self.db)
+        if downtime > SLOW_RUN_S:
+            self.reporter.alert("migration-slow", f"downtime {downtime:.0f} s exceeded "
+                                f"{SLOW_RUN_S:.0f} s")
+        return result
+
+    def _abort_long_statements(self, eng: Engine) -> None:
+        """SQLite calls this while a statement runs: real progress for the watchdog, and
+        a way to abort one long statement when the downtime budget is gone."""
+        def handler() -> int:
+            self.reporter.heartbeat()
+            return int(self.deadline is not None and time.monotonic() > self.deadline)
+        eng.conn.set_progress_handler(handler, 200_000)
+
+    def fail(self, err: MigrateError) -> None:
+        """Failure after the stop: put the old database back, start the app, raise."""
+        from .recovery import restore_after_failure
+
+        assert self.journal is not None
+        self.reporter.alert("migration-failed", f"{err.kind}: {err.message}")
+        restored_backup = restore_after_failure(self.config, self.journal, self.services,
+                                                self.reporter, error=err.to_dict())
+        if self.t_stop is not None:
+            self.record["downtime_s"] = round(time.monotonic() - self.t_stop, 3)
+        raise MigrationFailed(
+            f"{err.message} — {'the backup was restored and ' if restored_backup else ''}"
+            "the app runs on the old database", kind=err.kind, restored=True)
+
+
+def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime) -> Verified:
+    """Private copy, full verification, device policy. Raises BundleRejected, or
+    AlreadyApplied for the same bundle again."""
+    from . import bundle as bundle_mod
+    from .archive import Caps
+    from .device_state import device_state
+    from .trust import TrustStore
+    from .verify import Decision, check_policy
+
+    trust = TrustStore.from_config(config)
+    private = bundle_mod.private_copy(bundle_path, run_dir)
+    vb = bundle_mod.verify_bundle(private, trust, extract_to=run_dir / "payload",
+                                  caps=Caps.from_config(config))
+    state = device_state(config.database)
+    decision = check_policy(vb.manifest, device_type=config.device_type,
+                            last_sequence=state.last_sequence,
+                            last_manifest_sha256=state.last_manifest_sha256,
+                            manifest_sha256=vb.manifest_sha256, applied=state.applied,
+                            now=now, clock_slack_s=config.clock_slack_s)
+    if decision == Decision.ALREADY_APPLIED:
+        raise AlreadyApplied(vb.manifest.name, vb.manifest.sequence)
+    return Verified(name=vb.manifest.name, sequence=vb.manifest.sequence,
+                    manifest_sha256=vb.manifest_sha256, source=vb.source,
+                    declared_loss=set(vb.manifest.declared_row_loss))
+
+
+def _verify_only(config: Config, bundle_path: Path, run_dir: Path) -> Verified:
+    """Signature and payload verification without the sequence policy: for rollback,
+    which uses the rollback scripts of a bundle the device already applied."""
+    from . import bundle as bundle_mod
+    from .archive import Caps
+    from .trust import TrustStore
+
+    private = bundle_mod.private_copy(Path(bundle_path), run_dir)
+    vb = bundle_mod.verify_bundle(private, TrustStore.from_config(config),
+                                  extract_to=run_dir / "payload", caps=Caps.from_config(config))
+    return Verified(name=vb.manifest.name, sequence=vb.manifest.sequence,
+                    manifest_sha256=vb.manifest_sha256, source=vb.source,
+                    declared_loss=set(vb.manifest.declared_row_loss))
+
+
+class AlreadyApplied(Exception):
+    def __init__(self, name: str, sequence: int) -> None:
+        super().__init__(f"bundle {name} sequence {sequence} is already applied")
+        self.name, self.sequence = name, sequence
+
+
+def apply(bundle_path: Path, config: Config, *, services: ServiceManager | None = None,
+          reporter: Reporter | None = None, dry_run: bool = False, target: int | None = None,
+          allow_long: bool = False, wait: bool = False,
+          stop_requested: Callable[[], bool] | None = None,
+          now: Callable[[], datetime] | None = None) -> RunResult:
+    """Run one bundle through the whole pipeline. Raises a MigrateError subclass on
+    failure (its ``exit_code`` is the documented one); returns the result otherwise."""
+    bundle_path = Path(bundle_path)
+    if not bundle_path.is_file():
+        raise BundleRejected(f"bundle {bundle_path} does not exist or is not a file",
+                             kind="malformed")
+    clock = now or (lambda: datetime.now(UTC))
+    return drive(config, lambda run_dir: _verify(config, bundle_path, run_dir, clock()),
+                 label=str(bundle_path), services=services, reporter=reporter,
+                 dry_run=dry_run, target=target, allow_long=allow_long, wait=wait,
+                 stop_requested=stop_requested, now=clock)
+
+
+def drive(config: Config, obtain: Callable[[Path], Verified], *, label: str,
+          services: ServiceManager | None = None, reporter: Reporter | None = None,
+          dry_run: bool = False, target: int | None = None, allow_long: bool = False,
+          wait: bool = False, stop_requested: Callable[[], bool] | None = None,
+          now: Callable[[], datetime] | None = None,
+          rollback_to: int | None = None) -> RunResult:
+    """The run skeleton shared by apply and rollback: lock, recover what an earlier run
+    left, journal, obtain the verified source, execute, record."""
+    from .recovery import recover
+
+    services = services or for_unit(config.app_unit, config.systemctl)
+    reporter = reporter or Reporter()
+    stop_requested = stop_requested or (lambda: False)
+    now = now or (lambda: datetime.now(UTC))
+    _ensure_dirs(config)
+    with RunLock(config.lock_path, wait=wait):
+        recover(config, services=services, reporter=reporter)
+        last = Journal.load(config.journal_path)
+        if last is not None and last.outcome == "restore-failed":
+            raise RestoreFailed(
+                f"run {last.run_id} could not restore its backup and the database may be "
+                "damaged; no new run starts until an operator restores a backup "
+                "('zmonitor-migrate restore BACKUP')")
+        run = Run(config, services=services, reporter=reporter,
+                  stop_requested=stop_requested, now=now)
+        run.rollback_to = rollback_to
+        journal = Journal.create(config.journal_path, bundle=label,
+                                 database=str(config.database), dry_run=dry_run,
+                                 rollback_to=rollback_to)
+        run.journal = journal
+        reporter.run_id = journal.run_id
+        run_dir = config.state_dir / "runs" / journal.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        result = RunResult(run_id=journal.run_id, outcome="")
+        error: MigrateError | None = None
+        try:
+            reporter.emit("received", label)
+            try:
+                verified = obtain(run_dir)
+            except AlreadyApplied as done:
+                reporter.emit("verified", f"{done}; nothing to do")
+                result = RunResult(run_id=journal.run_id, outcome="up-to-date",
+                                   bundle=done.name, sequence=done.sequence)
+                return result
+            reporter.emit("verified", f"{verified.name} sequence {verified.sequence} "
+                          "verified")
+            result = run.execute(verified, dry_run=dry_run, target=target,
+                                 allow_long=allow_long, run_dir=run_dir)
+            if rollback_to is not None and result.outcome == "applied":
+                result.outcome = "rolled-back"
+                reporter.alert("rollback-executed", f"rolled back to version {rollback_to}")
+            return result
+        except BaseException as exc:
+            error = exc if isinstance(exc, MigrateError) else MigrateError(
+                f"{type(exc).__name__}: {exc}", kind="internal")
+            raise
+        finally:
+            _finish(config, run, journal, result, error, started, run_dir, dry_run)
+
+
+def _finish(config: Config, run: Run, journal: Journal, result: RunResult,
+            error: MigrateError | None, started: float, run_dir: Path, dry_run: bool) -> None:
+    if error is not None:
+        outcome = {3: "rejected", 4: "precheck-failed", 5: "restored",
+                   6: "restore-failed"}.get(error.exit_code, "failed")
+        if isinstance(error, MigrationFailed) and error.kind == "interrupted":
+            outcome = "interrupted"
+    else:
+        outcome = result.outcome
+    if not journal.closed and journal.phase in (Phase.RECEIVED, Phase.VERIFIED,
+                                                Phase.PRECHECKED, Phase.COMMITTED):
+        journal.close(outcome, error=error.to_dict() if error else None)
+    result.phase_times = journal.phase_times()
+    if not dry_run:
+        record = {
+            "run_id": journal.run_id, "bundle": result.bundle or run.record.get("bundle"),
+            "sequence": result.sequence or run.record.get("sequence"),
+            "outcome": outcome, "started_at": started, "finished_at": time.time(),
+            "duration_s": round(time.time() - started, 3), "phase_times": result.phase_times,
+            "downtime_s": result.downtime_s if error is None else run.record.get("downtime_s"),
+            "error": error.to_dict() if error else None, "restored": outcome == "restored",
+            **{k: v for k, v in run.record.items() if k not in ("bundle", "sequence",
+                                                                  "downtime_s")},
+        }
+        history.append(config.history_path, record)
+        write_metrics(config)
+    if outcome in ("applied", "rolled-back"):
+        protect = {Path(result.backup)} if result.backup else set()
+        backups.prune(config.database, config.backup_dir, config.backup_keep, protect)
+        _check_backup(run, result)
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _check_backup(run: Run, result: RunResult) -> None:
+    """Full integrity check of the backup this run depends on, after the app is back:
+    it costs a read of the whole file, so it stays off the downtime path."""
+    if not result.backup:
+        return
+    try:
+        conn = dbinfo.open_ro(Path(result.backup))
+        try:
+            bad = dbinfo.integrity_problems(conn)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        bad = [str(exc)]
+    if bad:
+        run.reporter.alert("backup-damaged", f"backup {result.backup} fails its integrity "
+                           f"check: {'; '.join(bad[:3])}")
+
+
+def write_metrics(config: Config) -> None:
+    if config.metrics_path is None:
+        return
+    version = size = None
+    try:
+        if config.database.exists():
+            conn = dbinfo.open_ro(config.database)
+            try:
+                version = dbinfo.current_version(conn)
+            finally:
+                conn.close()
+            size = dbinfo.file_size(config.database)
+    except sqlite3.Error:
+        version = None
+    with contextlib.suppress(OSError):  # metrics are advisory; the history holds the truth
+        history.write_metrics(config.metrics_path, history.render_metrics(
+            history.read(config.history_path), current_version=version, db_size=size))
+
+
+def _ensure_dirs(config: Config) -> None:
+    for d in (config.state_dir, config.backup_dir):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PrecheckFailed(f"cannot create {d}: {exc.strerror}; check the config "
+                                 "and the permissions", kind="path") from None
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise PrecheckFailed(f"{d} is not writable by this user; fix its permissions or "
+                                 "point the config elsewhere", kind="path")
+
+
+__all__ = ["RestoreFailed", "RunResult", "apply"]

@@ -1,0 +1,115 @@
+"""Control of the app unit, behind a narrow protocol.
+
+``Systemctl`` is the real implementation (it shells out to ``systemctl``, whose path is
+configurable so tests can point it at a stand-in executable); ``NoUnit`` is for
+machines without the app (``app_unit: null``). Stopping waits until the unit is really
+inactive; starting is followed by a health gate that requires the unit to stay active.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from .errors import MigrateError
+
+
+class UnitError(MigrateError):
+    kind = "unit"
+
+
+class ServiceManager(Protocol):
+    def stop(self, timeout: float) -> None: ...
+    def start(self) -> None: ...
+    def is_active(self) -> bool: ...
+    def health_gate(self, seconds: float, tick: Callable[[], None] | None = None) -> None: ...
+    @property
+    def name(self) -> str | None: ...
+
+
+class NoUnit:
+    """``app_unit: null``: there is no app to stop or start on this machine."""
+
+    name = None
+
+    def stop(self, timeout: float) -> None:
+        return None
+
+    def start(self) -> None:
+        return None
+
+    def is_active(self) -> bool:
+        return True
+
+    def health_gate(self, seconds: float, tick: Callable[[], None] | None = None) -> None:
+        return None
+
+
+class Systemctl:
+    def __init__(self, unit: str, systemctl: str = "systemctl") -> None:
+        self.unit = unit
+        self.systemctl = systemctl
+
+    @property
+    def name(self) -> str:
+        return self.unit
+
+    def _run(self, *args: str, check: bool = True, timeout: float = 120.0) -> str:
+        try:
+            proc = subprocess.run([self.systemctl, *args, self.unit], capture_output=True,
+                                  text=True, timeout=timeout, check=False)
+        except FileNotFoundError:
+            raise UnitError(f"'{self.systemctl}' not found: this machine has no systemd; set "
+                            "app_unit: null in the config if there is no app unit") from None
+        except subprocess.TimeoutExpired:
+            raise UnitError(f"systemctl {' '.join(args)} {self.unit} did not answer in "
+                            f"{timeout:.0f} s") from None
+        if check and proc.returncode != 0:
+            raise UnitError(f"systemctl {' '.join(args)} {self.unit} failed "
+                            f"(exit {proc.returncode}): {proc.stderr.strip() or proc.stdout}")
+        return proc.stdout.strip()
+
+    def state(self) -> str:
+        return self._run("is-active", check=False) or "unknown"
+
+    def is_active(self) -> bool:
+        return self.state() == "active"
+
+    def stop(self, timeout: float) -> None:
+        self._run("stop", timeout=timeout + 5)
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.state()
+            if state in ("inactive", "failed", "unknown"):
+                return
+            if time.monotonic() > deadline:
+                raise UnitError(f"{self.unit} is still {state} {timeout:.0f} s after stop")
+            time.sleep(0.1)
+
+    def start(self) -> None:
+        self._run("start")
+
+    def health_gate(self, seconds: float, tick: Callable[[], None] | None = None) -> None:
+        """The unit must be active now and stay active, without restarts, for ``seconds``."""
+        deadline = time.monotonic() + seconds
+        first = self._restarts()
+        while True:
+            state = self.state()
+            if state != "active":
+                raise UnitError(f"{self.unit} is {state} during the {seconds:g} s health gate")
+            if self._restarts() != first:
+                raise UnitError(f"{self.unit} restarted during the {seconds:g} s health gate")
+            if tick:
+                tick()
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _restarts(self) -> str:
+        return self._run("show", "-p", "NRestarts", "--value", check=False)
+
+
+def for_unit(unit: str | None, systemctl: str = "systemctl") -> ServiceManager:
+    return NoUnit() if unit is None else Systemctl(unit, systemctl)

@@ -37,6 +37,8 @@ _CREATE_TABLE = re.compile(r"^CREATE\s+(?:(TEMP|TEMPORARY)\s+)?TABLE\s+(?:IF\s+N
 _DROP_TABLE = re.compile(r"^DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?[\"`\[]?(\w+)", re.IGNORECASE)
 _RENAME = re.compile(r"^ALTER\s+TABLE\s+[\"`\[]?(\w+)[\"`\]]?\s+RENAME\s+TO\s+[\"`\[]?(\w+)",
                      re.IGNORECASE)
+_ADD_REF = re.compile(r"^ALTER\s+TABLE\s+[\"`\[]?(\w+)[\"`\]]?\s+ADD\b.*\bREFERENCES\b",
+                      re.IGNORECASE | re.DOTALL)
 _INSERT_INTO = re.compile(r"^(?:INSERT|REPLACE)(?:\s+OR\s+\w+)?\s+INTO\s+[\"`\[]?(\w+)",
                           re.IGNORECASE)
 _ALLOW = re.compile(r"--\s*zmonitor:allow\s+([\w-]+(?:[\s,]+[\w-]+)*)")
@@ -64,9 +66,13 @@ def fk_children(source: Source) -> dict[str, set[str]]:
                    for s in statements if (m := _RENAME.match(s.head))}
         for s in statements:
             ct = _CREATE_TABLE.match(s.head)
-            if not ct:
+            if ct:
+                child = renames.get(ct.group(2).lower(), ct.group(2).lower())
+            elif add := _ADD_REF.match(s.head):
+                # ALTER TABLE child ADD COLUMN … REFERENCES parent also makes a child
+                child = add.group(1).lower()
+            else:
                 continue
-            child = renames.get(ct.group(2).lower(), ct.group(2).lower())
             for parent in _REF.findall(s.sql):
                 if parent.lower() != child:
                     children.setdefault(parent.lower(), set()).add(child)
@@ -91,6 +97,8 @@ def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
     created = {m.group(2).lower() for s in statements if (m := _CREATE_TABLE.match(s.head))}
     temp = {m.group(2).lower() for s in statements
             if (m := _CREATE_TABLE.match(s.head)) and m.group(1)}
+    dropped = {m.group(1).lower() for s in statements if (m := _DROP_TABLE.match(s.head))}
+    created_so_far: set[str] = set()
     ddl_line = dml_line = 0
     for s in statements:
         head = s.head
@@ -108,7 +116,10 @@ def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
             if not (ins and ins.group(1).lower() in created):
                 dml_line = dml_line or s.line
         drop = _DROP_TABLE.match(head)
-        if drop and drop.group(1).lower() in children and drop.group(1).lower() not in temp:
+        # Dropping a parent together with all its children (a rollback of the migration
+        # that created them) loses nothing that is not dropped anyway.
+        if drop and drop.group(1).lower() in children and drop.group(1).lower() not in temp \
+                and not children[drop.group(1).lower()] <= dropped:
             table = drop.group(1).lower()
             kids = ", ".join(sorted(children[table]))
             report("warning", s.line, "rebuild-with-children",
@@ -117,7 +128,10 @@ def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
                    "enforcement around migrations — acknowledge with "
                    "'-- zmonitor:allow rebuild-with-children'")
         ren = _RENAME.match(head)
-        if ren and ren.group(1).lower() in children and ren.group(1).lower() not in created:
+        # x_new (created above in this file) RENAME TO x is the safe last step of a
+        # rebuild; renaming a parent that existed before this file is not.
+        if ren and ren.group(1).lower() in children \
+                and ren.group(1).lower() not in created_so_far:
             report("error", s.line, "rename-parent-first",
                    f"renaming {ren.group(1)} rewrites its children's REFERENCES to the new "
                    "name; rebuild as CREATE TABLE x_new, INSERT … SELECT, DROP TABLE x, "
@@ -128,9 +142,11 @@ def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
                    "DROP without a rollback script: the dropped data could never be brought "
                    f"back; add migrations/rollback/{mig.version:04d}_rollback.sql")
         if re.search(r"\bADD\s+(COLUMN\s+)?\S+[^,]*\bNOT\s+NULL\b", head) and \
-                word == "ALTER" and "DEFAULT" not in head:
+                word == "ALTER" and not re.search(r"\bDEFAULT\b", head):
             report("error", s.line, "add-not-null",
                    "ADD COLUMN … NOT NULL needs a DEFAULT, or it fails on a table with rows")
+        if ct := _CREATE_TABLE.match(head):
+            created_so_far.add(ct.group(2).lower())
     if not is_rollback and ddl_line and dml_line:
         report("error", max(ddl_line, dml_line), "mixed-ddl-dml",
                f"schema (line {ddl_line}) and data (line {dml_line}) changes in one "

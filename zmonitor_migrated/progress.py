@@ -75,18 +75,28 @@ class Sink(Protocol):
 
 
 class LogSink:
+    """Journald-friendly lines; batch progress at most every 10 % or 5 s."""
+
     def __init__(self, stream: TextIO | None = None, *, min_level: str = "info") -> None:
         self.stream = stream or sys.stderr
         self.min = LEVELS[min_level]
+        self._last = (0.0, -1)
 
     def emit(self, event: Event) -> None:
         prio = LEVELS.get(event.level, 6)
         if prio > self.min:
             return
+        if event.batches and 1 < event.batch < event.batches:
+            step = event.batch * 10 // event.batches
+            if step == self._last[1] and time.monotonic() - self._last[0] < 5:
+                return
+            self._last = (time.monotonic(), step)
         if event.alert:
             text = f"ALERT alert={event.alert} run={event.run_id} {event.message}"
         else:
             text = f"{event.phase}: {event.message}"
+            if event.batches:
+                text = f"{event.phase}: {event.status_line()} rows {event.rows}"
         print(f"<{prio}>{text}", file=self.stream, flush=True)
 
 

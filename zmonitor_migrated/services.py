@@ -111,5 +111,57 @@ class Systemctl:
         return self._run("show", "-p", "NRestarts", "--value", check=False)
 
 
+class ProcessUnit:
+    """A child process standing in for the app unit where there is no systemd (the
+    demo). It counts as started once it prints ``READY``, like ``Type=notify``."""
+
+    def __init__(self, argv: list[str], name: str = "demo-monitor",
+                 ready_timeout: float = 15.0) -> None:
+        self.argv = argv
+        self._name = name
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def start(self) -> None:
+        if self.is_active():
+            return
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # blocks until READY or exit
+        if line.strip() != "READY":
+            code = self.proc.wait(timeout=self.ready_timeout)
+            raise UnitError(f"{self._name} exited with code {code} before it was ready")
+
+    def stop(self, timeout: float) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def is_active(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def health_gate(self, seconds: float, tick: Callable[[], None] | None = None) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            if not self.is_active():
+                code = self.proc.returncode if self.proc else None
+                raise UnitError(f"{self._name} exited with code {code} during the "
+                                f"{seconds:g} s health gate")
+            if tick:
+                tick()
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
+
+
 def for_unit(unit: str | None, systemctl: str = "systemctl") -> ServiceManager:
     return NoUnit() if unit is None else Systemctl(unit, systemctl)

@@ -49,7 +49,7 @@ def validate(conn: sqlite3.Connection, *, target: int, last_version: int,
     if checks_file.is_file():
         from .post_checks import load_checks, run_checks
 
-        problems += [f"check {f}" for f in run_checks(conn, load_checks(checks_file))]
+        problems += [str(f) for f in run_checks(conn, load_checks(checks_file))]
     spec_file = source_root / "schema" / "database.yaml"
     if spec_file.is_file():
         from .schema_spec import diff, live_schema, load_spec

@@ -110,7 +110,7 @@ def test_a_key_file_that_does_not_parse_is_an_error_not_skipped(tmp_path: Path) 
     a = make_key(tmp_path / "a")
     d = trust_dir(tmp_path / "trust", a)
     (d / "broken.pub").write_text("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
-    with pytest.raises(ConfigError, match="broken.pub"):
+    with pytest.raises(ConfigError, match=r"broken\.pub"):
         TrustStore.load(d)
 
 

@@ -3,7 +3,11 @@
 Guarantees:
 
 - the database is opened read-only (``file:…?mode=ro``): reading the state never writes
-  a byte of the database, so a refused bundle leaves it identical;
+  a byte of the database, so a refused bundle leaves it identical. A WAL-mode database
+  with no ``-wal`` file has no open writer (a WAL connection always has one), and a
+  read-only connection would *create* ``-wal``/``-shm`` next to it, owned by us, which
+  could lock the app's user out; such a database is opened ``immutable=1`` instead, so
+  not a single file in its directory changes;
 - a missing database is ``DeviceState(exists=False)`` (nothing applied yet), a missing
   ``zmonitor_migrated_bundles`` or ``schema_version`` table is "nothing recorded";
 - a file that is not a readable SQLite database is a ``PrecheckFailed``.
@@ -43,11 +47,23 @@ def _tables(conn: sqlite3.Connection) -> set[str]:
     return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
+def _wal_without_writer(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return False
+    is_wal = header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
+    return is_wal and not Path(str(path) + "-wal").exists()
+
+
 def device_state(db_path: Path | str) -> DeviceState:
     path = Path(db_path)
     if not path.exists():
         return DeviceState(exists=False)
     uri = path.absolute().as_uri() + "?mode=ro"
+    if _wal_without_writer(path):
+        uri += "&immutable=1"
     try:
         conn = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as exc:

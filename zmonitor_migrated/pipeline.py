@@ -140,11 +140,13 @@ class Run:
 
     def _progress(self, phase: str) -> Callable[[Progress], None]:
         def on_progress(p: Progress) -> None:
+            if p.done:
+                return
             if p.batches:
                 self.emit(phase, f"{p.path} batch {p.batch}/{p.batches}", version=p.version,
                           batch=p.batch, batches=p.batches, rows=p.rows,
                           percent=100.0 * p.batch / max(1, p.batches), eta_s=p.eta_s)
-            elif not p.done:
+            else:
                 self.emit(phase, f"{p.path} ({p.index}/{p.count})", version=p.version,
                           percent=100.0 * (p.index - 1) / max(1, p.count))
         return on_progress

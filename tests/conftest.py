@@ -1,0 +1,149 @@
+"""Shared fixtures: real keys, a real signed bundle of the shipped source, a real sample
+monitor database, and a device directory whose app unit is controlled through the
+``fake_systemctl.py`` executable (a real process writing vitals)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zmonitor_migrated import bundle, keys, sources
+from zmonitor_migrated.sample import make_sample_db
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "bundles" / "zmonitor"
+NOW = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def shipped_source() -> sources.Source:
+    return sources.load(SHIPPED)
+
+
+@pytest.fixture(scope="session")
+def release_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("keys")
+    return keys.keygen(d / "release.test")
+
+
+@pytest.fixture(scope="session")
+def shipped_bundle(tmp_path_factory: pytest.TempPathFactory,
+                   release_key: tuple[Path, Path]) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "zmonitor-1.zmb"
+    bundle.build(SHIPPED, out, [release_key[0]], 1, created=NOW,
+                 expires=NOW + timedelta(days=3650))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_db_v10(tmp_path_factory: pytest.TempPathFactory,
+                  shipped_source: sources.Source) -> Path:
+    path = tmp_path_factory.mktemp("sample") / "zmonitor-v10.db"
+    make_sample_db(path, shipped_source, version=10, vitals=20_000, wal=False)
+    return path
+
+
+@dataclass
+class Device:
+    """A device directory: database, config, state, a fake systemctl with its app."""
+
+    root: Path
+    db: Path
+    config_path: Path
+    systemctl_dir: Path
+    env: dict[str, str]
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = False,
+            **kw: object) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "zmonitor_migrated.cli", "--config", str(self.config_path),
+             *args], capture_output=True, text=True, timeout=timeout, env=self.env, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(self.root / "systemctl"), *args], capture_output=True,
+                              text=True, env=self.env, timeout=30)
+
+    def app_active(self) -> bool:
+        return self.systemctl("is-active", "zmonitor.service").stdout.strip() == "active"
+
+    def calls(self) -> list[str]:
+        try:
+            return (self.systemctl_dir / "calls.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def fault(self, name: str, content: str = "") -> None:
+        (self.systemctl_dir / name).write_text(content)
+
+    def clear_fault(self, name: str) -> None:
+        (self.systemctl_dir / name).unlink(missing_ok=True)
+
+    @property
+    def config(self) -> dict[str, object]:
+        return yaml.safe_load(self.config_path.read_text())
+
+    def set_config(self, **changes: object) -> None:
+        cfg = self.config
+        cfg.update(changes)
+        self.config_path.write_text(yaml.safe_dump(cfg))
+
+    def history(self) -> list[dict[str, object]]:
+        path = self.root / "state" / "history.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def make_device(root: Path, db_template: Path, trust_pub: Path, *,
+                app_unit: str | None = "zmonitor.service") -> Device:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir()
+    db = root / "data" / "zmonitor.db"
+    shutil.copyfile(db_template, db)
+    (root / "trusted.d").mkdir()
+    shutil.copy(trust_pub, root / "trusted.d" / trust_pub.name)
+    sysdir = root / "fake-systemd"
+    sysdir.mkdir()
+    wrapper = root / "systemctl"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} {ROOT / 'tests' / 'fake_systemctl.py'}"
+                       ' "$@"\n')
+    wrapper.chmod(0o755)
+    cfg = {
+        "database": str(db), "device_type": "zmonitor-bedside", "app_unit": app_unit,
+        "state_dir": str(root / "state"), "runtime_dir": str(root / "run"),
+        "inbox": str(root / "inbox"), "backup_dir": str(root / "backups"),
+        "trust_dir": str(root / "trusted.d"), "health_check_s": 0.5, "stop_timeout_s": 10,
+        "max_downtime_s": 120, "systemctl": str(wrapper),
+        "metrics_path": str(root / "metrics" / "zmonitor_migrate.prom"),
+    }
+    config_path = root / "config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "FAKE_SYSTEMCTL_DIR": str(sysdir), "FAKE_SYSTEMCTL_DB": str(db),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("NOTIFY_SOCKET", None)
+    return Device(root=root, db=db, config_path=config_path, systemctl_dir=sysdir, env=env)
+
+
+@pytest.fixture
+def device(tmp_path: Path, sample_db_v10: Path,
+           release_key: tuple[Path, Path]) -> Iterator[Device]:
+    """A device at version 10 with its app running (the simulated monitor)."""
+    dev = make_device(tmp_path / "device", sample_db_v10, release_key[1])
+    started = dev.systemctl("start", "zmonitor.service")
+    assert started.returncode == 0, started.stderr
+    yield dev
+    dev.clear_fault("ignore-stop")
+    dev.systemctl("stop", "zmonitor.service")

@@ -61,10 +61,11 @@ def start() -> int:
         return 1
     if _pid() is not None:
         return 0
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zmonitor_migrated.demo_monitor", DB, "--interval-ms", "5"],
-        stdout=subprocess.PIPE, stderr=open(STATE / "app.log", "a"), stdin=subprocess.DEVNULL,
-        text=True, start_new_session=True)
+    with open(STATE / "app.log", "a") as app_log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "zmonitor_migrated.demo_monitor", DB, "--interval-ms", "5"],
+            stdout=subprocess.PIPE, stderr=app_log, stdin=subprocess.DEVNULL, text=True,
+            start_new_session=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line.strip() != "READY":

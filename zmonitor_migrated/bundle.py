@@ -16,9 +16,12 @@ Guarantees:
 - Every write (``build``, ``sign``, ``private_copy``) goes to a temporary file that is
   fsynced and renamed into place, so a reader never sees half a bundle.
 - ``verify_bundle`` = ``open_bundle`` → signature threshold → manifest schema →
-  streamed payload into ``extract_to`` → the extracted source is discovered again and
-  must describe exactly the manifest's migrations. Policy (device, sequence, expiry,
-  applied hashes) is ``verify.check_policy``, applied by the caller with the device state.
+  streamed payload into ``extract_to`` → ``bundle.yaml`` must say what the manifest
+  says and every migration's description must follow from its file name. The
+  migrations of the returned source are the manifest's (signed) ones; no payload file
+  is read whole during verification (no re-discovery of SQL contents). Policy (device,
+  sequence, expiry, applied hashes) is ``verify.check_policy``, applied by the caller
+  with the device state.
 
 Example::
 
@@ -288,17 +291,29 @@ def verify_bundle(path: Path, trust: TrustStore, *, extract_to: Path,
     signed_by = verify_signatures(manifest_bytes, sig_bytes, trust)
     manifest = Manifest.from_json(manifest_bytes)
     extract_payload(path, manifest, extract_to, caps)
-    found, problems = sources.discover(extract_to)
-    errors = [p for p in problems if p.severity == "error"]
-    if errors or found.migrations != manifest.migrations or found.info != manifest.info:
-        detail = "; ".join(str(p) for p in errors) or "migrations or bundle.yaml differ"
-        raise BundleRejected(f"the payload does not describe the signed manifest ({detail}); "
-                             "rebuild the bundle", kind="malformed")
+    _check_payload_agrees(manifest, Path(extract_to))
     source = sources.Source(root=Path(extract_to), info=manifest.info,
                             migrations=manifest.migrations)
     return VerifiedBundle(manifest=manifest,
                           manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
                           source=source, path=path, signed_by=signed_by)
+
+
+def _check_payload_agrees(manifest: Manifest, root: Path) -> None:
+    """What the payload's layout says must be what the signed manifest says."""
+    yaml_entry = manifest.file("bundle.yaml")
+    if yaml_entry is None or yaml_entry.size > 1024 * 1024:
+        raise BundleRejected("bundle.yaml is missing or over 1 MiB", kind="malformed")
+    info = sources.load_info(root)
+    if info != manifest.info:
+        raise BundleRejected(f"bundle.yaml says {info} but the signed manifest says "
+                             f"{manifest.info}; rebuild the bundle", kind="malformed")
+    for mig in manifest.migrations:
+        m = sources._NAME.match(mig.path.rpartition("/")[2])
+        if m is None or sources.describe(m.group("slug")) != mig.description:
+            raise BundleRejected(f"migration {mig.version}: description {mig.description!r} "
+                                 f"does not follow from {mig.path}; rebuild the bundle",
+                                 kind="malformed")
 
 
 def private_copy(path: Path, dest_dir: Path, *, max_bytes: int | None = None) -> Path:

@@ -192,14 +192,31 @@ def _(env: Env):
 
 @case("validly signed manifest with an unknown field", "malformed")
 def _(env: Env):
+    items = _resigned(env, lambda d: d.update(run_this="rm -rf /"))
+    return env.bundle("signed-junk.zmb", tar_bytes(items)), {}
+
+
+def _resigned(env: Env, change: Callable[[dict], None]) -> list[RawMember]:
     manifest, _ = open_bundle(env.good, Caps())
     doc = json.loads(manifest)
-    doc["run_this"] = "rm -rf /"
+    change(doc)
     data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     sigs = signatures_to_json([sign_manifest_bytes(data, load_private_key(env.a.key))])
     items = _replace(env, "manifest.json", data)
     next(m for m in items if m.name == "signatures.json").data = sigs
-    return env.bundle("signed-junk.zmb", tar_bytes(items)), {}
+    return items
+
+
+@case("signed manifest disagreeing with bundle.yaml", "malformed")
+def _(env: Env):
+    items = _resigned(env, lambda d: d.update(device_types=["zmonitor-bedside", "other"]))
+    return env.bundle("yaml-disagrees.zmb", tar_bytes(items)), {}
+
+
+@case("signed manifest with a description not from the file name", "malformed")
+def _(env: Env):
+    items = _resigned(env, lambda d: d["migrations"][0].update(description="Harmless"))
+    return env.bundle("description.zmb", tar_bytes(items)), {}
 
 
 @case("extra member", "unlisted-member")

@@ -97,6 +97,7 @@ def stop() -> int:
 
 def main(argv: list[str]) -> int:
     STATE.mkdir(parents=True, exist_ok=True)
+    argv = [a for a in argv if a != "--no-block"]
     verb = argv[0]
     with open(STATE / "calls.log", "a") as log:
         log.write(" ".join(argv) + "\n")

@@ -228,7 +228,7 @@ class Run:
             src = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
             dst = sqlite3.connect(snapshot)
             try:
-                src.backup(dst, pages=4096)
+                src.backup(dst)  # one step: one read snapshot, never restarted by app writes
             finally:
                 dst.close()
                 src.close()
@@ -359,12 +359,15 @@ class Run:
         live_ino = os.stat(self.db).st_ino
         j.advance(Phase.APP_STOPPED, copy=str(copy), live_inode=live_ino,
                   app_unit=self.services.name)
+        # Only effective while systemd waits for our start or stop (recovery at boot, a
+        # SIGTERM mid-run): give the downtime phase room to end consistently.
+        self.reporter.extend(2 * cfg.max_downtime_s + 60)
         self.t_stop = time.monotonic()
         if not allow_long:
             self.deadline = self.t_stop + cfg.max_downtime_s
         try:
             self.emit("app_stopped", f"stopping {self.services.name or '(no unit)'}")
-            self.services.stop(cfg.stop_timeout_s)
+            self.services.stop(cfg.stop_timeout_s, tick=self.reporter.heartbeat)
             mode = self.quiesce()
             version = the_plan.current
             bk = backups.take(self.db, cfg.backup_dir, version, None)

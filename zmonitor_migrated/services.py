@@ -21,7 +21,7 @@ class UnitError(MigrateError):
 
 
 class ServiceManager(Protocol):
-    def stop(self, timeout: float) -> None: ...
+    def stop(self, timeout: float, tick: Callable[[], None] | None = None) -> None: ...
     def start(self) -> None: ...
     def is_active(self) -> bool: ...
     def health_gate(self, seconds: float, tick: Callable[[], None] | None = None) -> None: ...
@@ -34,7 +34,7 @@ class NoUnit:
 
     name = None
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float, tick: Callable[[], None] | None = None) -> None:
         return None
 
     def start(self) -> None:
@@ -77,8 +77,9 @@ class Systemctl:
     def is_active(self) -> bool:
         return self.state() == "active"
 
-    def stop(self, timeout: float) -> None:
-        self._run("stop", timeout=timeout + 5)
+    def stop(self, timeout: float, tick: Callable[[], None] | None = None) -> None:
+        # --no-block and poll: the caller keeps feeding the watchdog while the app stops.
+        self._run("stop", "--no-block", timeout=30)
         deadline = time.monotonic() + timeout
         while True:
             state = self.state()
@@ -86,7 +87,9 @@ class Systemctl:
                 return
             if time.monotonic() > deadline:
                 raise UnitError(f"{self.unit} is still {state} {timeout:.0f} s after stop")
-            time.sleep(0.1)
+            if tick:
+                tick()
+            time.sleep(0.05)
 
     def start(self) -> None:
         self._run("start")
@@ -136,7 +139,7 @@ class ProcessUnit:
             code = self.proc.wait(timeout=self.ready_timeout)
             raise UnitError(f"{self._name} exited with code {code} before it was ready")
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout: float, tick: Callable[[], None] | None = None) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.terminate()

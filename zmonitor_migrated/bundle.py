@@ -309,7 +309,7 @@ def _check_payload_agrees(manifest: Manifest, root: Path) -> None:
         raise BundleRejected(f"bundle.yaml says {info} but the signed manifest says "
                              f"{manifest.info}; rebuild the bundle", kind="malformed")
     for mig in manifest.migrations:
-        m = sources._NAME.match(mig.path.rpartition("/")[2])
+        m = sources.NAME_RE.match(mig.path.rpartition("/")[2])
         if m is None or sources.describe(m.group("slug")) != mig.description:
             raise BundleRejected(f"migration {mig.version}: description {mig.description!r} "
                                  f"does not follow from {mig.path}; rebuild the bundle",

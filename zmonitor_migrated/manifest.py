@@ -37,7 +37,7 @@ from functools import cached_property
 from typing import Any
 
 from .errors import BundleRejected
-from .sources import _NAME, _ROLLBACK, KINDS, BatchSpec, BundleInfo, Migration
+from .sources import NAME_RE, ROLLBACK_RE, KINDS, BatchSpec, BundleInfo, Migration
 
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -160,7 +160,7 @@ def migration_from_dict(raw: object) -> Migration:
                         f"got {kind!r}")
     path = check_path(d["path"], f"migration {version} path")
     folder, _, base = path.rpartition("/")
-    m = _NAME.match(base)
+    m = NAME_RE.match(base)
     if folder != f"migrations/{kind}" or not m or int(m.group("version")) != version:
         raise malformed(f"migration {version}: path {path!r} must be "
                         f"migrations/{kind}/{version:04d}_<description>.sql")
@@ -170,7 +170,7 @@ def migration_from_dict(raw: object) -> Migration:
     if rollback is not None:
         check_path(rollback, f"migration {version} rollback")
         rfolder, _, rbase = rollback.rpartition("/")
-        rm = _ROLLBACK.match(rbase)
+        rm = ROLLBACK_RE.match(rbase)
         if rfolder != "migrations/rollback" or not rm or int(rm.group("version")) != version:
             raise malformed(f"migration {version}: rollback {rollback!r} must be "
                             f"migrations/rollback/{version:04d}_rollback.sql")

@@ -472,9 +472,9 @@ def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime) -> 
     from .verify import Decision, check_policy
 
     trust = TrustStore.from_config(config)
-    private = bundle_mod.private_copy(bundle_path, run_dir)
-    vb = bundle_mod.verify_bundle(private, trust, extract_to=run_dir / "payload",
-                                  caps=Caps.from_config(config))
+    caps = Caps.from_config(config)
+    private = bundle_mod.private_copy(bundle_path, run_dir, max_bytes=caps.read_limit)
+    vb = bundle_mod.verify_bundle(private, trust, extract_to=run_dir / "payload", caps=caps)
     state = device_state(config.database)
     decision = check_policy(vb.manifest, device_type=config.device_type,
                             last_sequence=state.last_sequence,
@@ -495,9 +495,10 @@ def _verify_only(config: Config, bundle_path: Path, run_dir: Path) -> Verified:
     from .archive import Caps
     from .trust import TrustStore
 
-    private = bundle_mod.private_copy(Path(bundle_path), run_dir)
+    caps = Caps.from_config(config)
+    private = bundle_mod.private_copy(Path(bundle_path), run_dir, max_bytes=caps.read_limit)
     vb = bundle_mod.verify_bundle(private, TrustStore.from_config(config),
-                                  extract_to=run_dir / "payload", caps=Caps.from_config(config))
+                                  extract_to=run_dir / "payload", caps=caps)
     return Verified(name=vb.manifest.name, sequence=vb.manifest.sequence,
                     manifest_sha256=vb.manifest_sha256, source=vb.source,
                     declared_loss=set(vb.manifest.declared_row_loss))

@@ -31,9 +31,9 @@ import yaml
 from .errors import BundleRejected
 
 KINDS = ("schema", "data", "seed")
-_NAME = re.compile(
+NAME_RE = re.compile(
     r"^(?P<version>\d{4,})_(?:(?P<kind>schema|data|seed)_)?(?P<slug>[a-z0-9_]+)\.sql$")
-_ROLLBACK = re.compile(r"^(?P<version>\d{4,})_rollback(?:_[a-z0-9_]+)?\.sql$")
+ROLLBACK_RE = re.compile(r"^(?P<version>\d{4,})_rollback(?:_[a-z0-9_]+)?\.sql$")
 _BATCH = re.compile(r"^--\s*zmonitor:batch\s+(?P<args>.*)$", re.MULTILINE)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -193,7 +193,7 @@ def discover(root: Path) -> tuple[Source, list[Problem]]:
     rb_dir = mig_dir / "rollback"
     if rb_dir.is_dir():
         for f in sorted(rb_dir.iterdir()):
-            m = _ROLLBACK.match(f.name)
+            m = ROLLBACK_RE.match(f.name)
             if not m:
                 problems.append(Problem("error", rel(root, f), 1, "naming",
                                         "rollback files are named NNNN_rollback.sql"))
@@ -211,7 +211,7 @@ def discover(root: Path) -> tuple[Source, list[Problem]]:
             continue
         for f in sorted(kdir.iterdir()):
             path = rel(root, f)
-            m = _NAME.match(f.name)
+            m = NAME_RE.match(f.name)
             if not m:
                 problems.append(Problem("error", path, 1, "naming",
                                         "migration files are named NNNN_description.sql or "

@@ -37,7 +37,7 @@ from functools import cached_property
 from typing import Any
 
 from .errors import BundleRejected
-from .sources import NAME_RE, ROLLBACK_RE, KINDS, BatchSpec, BundleInfo, Migration
+from .sources import KINDS, NAME_RE, ROLLBACK_RE, BatchSpec, BundleInfo, Migration
 
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1024 * 1024

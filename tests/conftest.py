@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -147,3 +148,84 @@ def device(tmp_path: Path, sample_db_v10: Path,
     yield dev
     dev.clear_fault("ignore-stop")
     dev.systemctl("stop", "zmonitor.service")
+
+
+# -- issue 4 (the run and the daemon): bundle variants, database snapshots ----------------
+def build_variant(out: Path, key: Path, sequence: int, *,
+                  edit: Callable[[Path], None] | None = None) -> Path:
+    """Build a signed bundle from a copy of the shipped source, changed by ``edit``."""
+    src = out.parent / (out.stem + "-src")
+    shutil.copytree(SHIPPED, src)
+    if edit is not None:
+        edit(src)
+    bundle.build(src, out, [key], sequence, created=NOW, expires=NOW + timedelta(days=3650))
+    return out
+
+
+def add_migration(src: Path, version: int, sql: str, rollback: str = "SELECT 1;\n",
+                  kind: str = "data", name: str = "extra") -> None:
+    """Append one migration (and its rollback) to a bundle source."""
+    (src / "migrations" / kind / f"{version:04d}_{kind}_{name}.sql").write_text(sql)
+    (src / "migrations" / "rollback" / f"{version:04d}_rollback.sql").write_text(rollback)
+
+
+def set_batch_size(src: Path, size: int) -> None:
+    path = next((src / "migrations" / "data").glob("0012_*.sql"))
+    path.write_text(path.read_text().replace("size=10000", f"size={size}"))
+
+
+@pytest.fixture(scope="session")
+def slow_bundle(tmp_path_factory: pytest.TempPathFactory,
+                release_key: tuple[Path, Path]) -> Path:
+    """The shipped history with 0012 batched by 50 rows: seconds of batches on big_db_v10."""
+    out = tmp_path_factory.mktemp("slow") / "zmonitor-slow-1.zmb"
+    return build_variant(out, release_key[0], 1, edit=lambda s: set_batch_size(s, 50))
+
+
+@pytest.fixture(scope="session")
+def big_db_v10(tmp_path_factory: pytest.TempPathFactory,
+               shipped_source: sources.Source) -> Path:
+    """Version 10 with 100,000 vitals (about 13 MB): 2,000 batches of 0012 at size 50."""
+    path = tmp_path_factory.mktemp("big") / "zmonitor-big-v10.db"
+    make_sample_db(path, shipped_source, version=10, vitals=100_000, wal=False)
+    return path
+
+
+def _open_quietly(db: Path) -> sqlite3.Connection:
+    """Read-only, and ``immutable`` for a closed WAL database, so that looking at a file
+    never creates ``-wal``/``-shm`` next to it (tests compare directory listings)."""
+    uri = f"{Path(db).absolute().as_uri()}?mode=ro"
+    with open(db, "rb") as f:
+        wal = f.read(20)[18:20] == b"\x02\x02"
+    if wal and not Path(f"{db}-wal").exists():
+        uri += "&immutable=1"
+    return sqlite3.connect(uri, uri=True)
+
+
+def table_rows(db: Path, *, vitals_up_to: int | None = None) -> dict[str, list[tuple[object, ...]]]:
+    """Schema and every row of every table (by rowid). With ``vitals_up_to`` only the
+    vitals rows up to that rowid count: the running monitor appends vitals, nothing else."""
+    conn = _open_quietly(db)
+    try:
+        out: dict[str, list[tuple[object, ...]]] = {
+            "sqlite_master": conn.execute(
+                "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+            ).fetchall()}
+        for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table' "
+                                    "AND name NOT LIKE 'sqlite_%' ORDER BY name").fetchall():
+            where = ""
+            if name == "vitals" and vitals_up_to is not None:
+                where = f" WHERE rowid <= {int(vitals_up_to)}"
+            out[name] = conn.execute(
+                f'SELECT rowid, * FROM "{name}"{where} ORDER BY rowid').fetchall()
+        return out
+    finally:
+        conn.close()
+
+
+def max_vitals_rowid(db: Path) -> int:
+    conn = _open_quietly(db)
+    try:
+        return int(conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM vitals").fetchone()[0])
+    finally:
+        conn.close()

@@ -14,6 +14,9 @@ line per call: ``<verb> <unit>``), and optional fault switches, each a file:
   a write lock (an app that "did not really stop");
 - ``corrupt-backups-on-start``: ``start`` overwrites bytes in every ``*.db`` in the dir
   named by the file's content, then fails (a backup damaged before a restore).
+
+A fault file whose content is ``once`` (``fail-start``, ``crash-after-start``) removes
+itself when it fires: the next start works (the old version starts after a restore).
 """
 
 from __future__ import annotations
@@ -47,8 +50,19 @@ def _pid() -> int | None:
     return pid
 
 
+def _fires(name: str) -> bool:
+    path = STATE / name
+    try:
+        once = path.read_text().strip() == "once"
+    except FileNotFoundError:
+        return False
+    if once:
+        path.unlink(missing_ok=True)
+    return True
+
+
 def start() -> int:
-    if (STATE / "fail-start").exists():
+    if _fires("fail-start"):
         print("Job for zmonitor.service failed.", file=sys.stderr)
         return 1
     corrupt = STATE / "corrupt-backups-on-start"
@@ -72,7 +86,7 @@ def start() -> int:
         print("Job for zmonitor.service failed (the app exited).", file=sys.stderr)
         return 1
     (STATE / "pid").write_text(str(proc.pid))
-    if (STATE / "crash-after-start").exists():
+    if _fires("crash-after-start"):
         subprocess.Popen([sys.executable, "-c",
                           f"import os,time,signal; time.sleep(0.2); os.kill({proc.pid}, 9)"],
                          start_new_session=True, stdout=subprocess.DEVNULL,

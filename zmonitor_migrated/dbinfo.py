@@ -15,9 +15,25 @@ from .engine import BATCH_TABLE
 INTERNAL_TABLES = ("schema_version", BATCH_TABLE, "zmonitor_migrated_bundles")
 
 
+def closed_wal(path: Path) -> bool:
+    """A WAL-mode file with no ``-wal`` next to it: nobody has it open (a WAL connection
+    always keeps one). A ``mode=ro`` connection would *create* ``-wal``/``-shm`` next to
+    it, owned by us (locking the app's user out of the live DB, littering the backup
+    dir), so such a file is opened ``immutable=1`` instead."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(20)
+    except OSError:
+        return False
+    is_wal = header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
+    return is_wal and not Path(f"{path}-wal").exists()
+
+
 def open_ro(path: Path, *, timeout: float = 5.0) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                           timeout=timeout)
+    uri = f"{Path(path).absolute().as_uri()}?mode=ro"
+    if closed_wal(Path(path)):
+        uri += "&immutable=1"
+    return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=timeout)
 
 
 def integrity_problems(conn: sqlite3.Connection, *, quick: bool = False,

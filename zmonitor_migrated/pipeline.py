@@ -225,7 +225,7 @@ class Run:
                                "snapshot")
         t0 = time.monotonic()
         try:
-            src = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+            src = dbinfo.open_ro(self.db)
             dst = sqlite3.connect(snapshot)
             try:
                 src.backup(dst)  # one step: one read snapshot, never restarted by app writes

@@ -46,16 +46,20 @@ def _discard_copy(config: Config, journal: Journal) -> None:
     if copy:
         fsutil.remove(Path(copy))
         fsutil.remove_sidecars(Path(copy))
-    bk = journal.data.get("backup")
-    if bk and journal.data.get("backup_linked"):
-        # A hard link to the live inode stops being a point-in-time copy as soon as
-        # the app writes again; this run never swapped, so nothing depends on it.
-        path = Path(bk)
+    # A hard link to the live inode stops being a point-in-time copy as soon as the app
+    # writes again; this run never swapped, so nothing depends on it. Look for every
+    # such link, not only the journal's: a kill between link(2) and the journal write
+    # that names the backup (the backup is hashed in between) leaves one unrecorded.
+    try:
+        live = os.stat(config.database)
+    except FileNotFoundError:
+        return
+    for path in backups.list_backups(config.database, config.backup_dir):
         try:
-            same = os.stat(path).st_ino == os.stat(config.database).st_ino
+            st = os.stat(path)
         except FileNotFoundError:
-            same = False
-        if same:
+            continue
+        if (st.st_ino, st.st_dev) == (live.st_ino, live.st_dev):
             fsutil.remove(path)
             fsutil.remove(backups.checksum_path(path))
 

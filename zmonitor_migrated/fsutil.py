@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,34 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)$")
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Remove ``atomic_write`` temp files whose writer is dead (killed between the
+    create and the rename). A live writer's temp file is left alone."""
+    removed: list[Path] = []
+    try:
+        entries = list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for path in entries:
+        m = _TEMP.match(path.name)
+        if not m:
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def sha256_file(path: Path) -> str:

@@ -133,6 +133,9 @@ def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
             gate: bool = False) -> str | None:
     """Finish the run the journal describes, if it is open. Returns the outcome, or None
     when there was nothing to do."""
+    for d in {config.state_dir, config.runtime_dir, config.backup_dir,
+              *([config.metrics_path.parent] if config.metrics_path else [])}:
+        fsutil.remove_stale_temps(d)  # a killed writer's journal/status/metrics temp
     journal = Journal.load(config.journal_path)
     if journal is None or journal.closed:
         return None

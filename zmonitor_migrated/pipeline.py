@@ -381,6 +381,11 @@ class Run:
                 raise MigrateError("the working copy differs from the backup; the disk or "
                                    "another writer changed the database", kind="copy-mismatch")
             j.advance(Phase.APPLYING, migration=the_plan.pending[0].version)
+            if mode == "wal":
+                # The private copy needs no WAL while it is migrated: an in-memory
+                # rollback journal writes each page once instead of twice (WAL, then
+                # checkpoint). The original's WAL mode is put back before validation ends.
+                _set_journal_mode(copy, "delete")
             with Engine(copy, fast=True, on_progress=self._progress("applying"),
                         should_stop=self._should_stop) as eng:
                 self._abort_long_statements(eng)
@@ -401,6 +406,12 @@ class Run:
                     raise MigrateError("post-migration validation failed: "
                                        + "; ".join(problems[:5]), kind="validation-failed")
                 self.record["rows_after"] = dbinfo.row_counts(eng.conn)
+                if dbinfo.journal_mode(eng.conn) != mode:
+                    got = eng.conn.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]
+                    if str(got).lower() != mode:
+                        raise MigrateError(f"the migrated copy could not be put back in "
+                                           f"{mode} journal mode (got {got})",
+                                           kind="journal-mode")
             fsutil.fsync_file(copy)
             fsutil.copy_owner(self.db, copy)
             if any(p.exists() for p in fsutil.sidecars(copy)):
@@ -657,6 +668,17 @@ def write_metrics(config: Config) -> None:
     with contextlib.suppress(OSError):  # metrics are advisory; the history holds the truth
         history.write_metrics(config.metrics_path, history.render_metrics(
             history.read(config.history_path), current_version=version, db_size=size))
+
+
+def _set_journal_mode(path: Path, mode: str) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        got = str(conn.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]).lower()
+    finally:
+        conn.close()
+    if got != mode:
+        raise MigrateError(f"cannot switch {path} to {mode} journal mode (got {got})",
+                           kind="journal-mode")
 
 
 def _ensure_dirs(config: Config) -> None:

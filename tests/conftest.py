@@ -177,15 +177,15 @@ def set_batch_size(src: Path, size: int) -> None:
 @pytest.fixture(scope="session")
 def slow_bundle(tmp_path_factory: pytest.TempPathFactory,
                 release_key: tuple[Path, Path]) -> Path:
-    """The shipped history with 0012 batched by 50 rows: seconds of batches on big_db_v10."""
+    """The shipped history with 0012 batched by 25 rows: 4,000 batches on big_db_v10."""
     out = tmp_path_factory.mktemp("slow") / "zmonitor-slow-1.zmb"
-    return build_variant(out, release_key[0], 1, edit=lambda s: set_batch_size(s, 50))
+    return build_variant(out, release_key[0], 1, edit=lambda s: set_batch_size(s, 25))
 
 
 @pytest.fixture(scope="session")
 def big_db_v10(tmp_path_factory: pytest.TempPathFactory,
                shipped_source: sources.Source) -> Path:
-    """Version 10 with 100,000 vitals (about 13 MB): 2,000 batches of 0012 at size 50."""
+    """Version 10 with 100,000 vitals (about 13 MB): seconds of 0012 at batch size 25."""
     path = tmp_path_factory.mktemp("big") / "zmonitor-big-v10.db"
     make_sample_db(path, shipped_source, version=10, vitals=100_000, wal=False)
     return path

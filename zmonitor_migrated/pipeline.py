@@ -262,13 +262,21 @@ class Run:
                 f"estimated downtime {estimate:.1f} s exceeds max_downtime_s="
                 f"{cfg.max_downtime_s:g}; schedule a window and rerun with --allow-long, or "
                 "raise max_downtime_s", kind="downtime-estimate")
-        need = grown + (0 if self._backup_linkable() else size) + 1024 * 1024
+        need = grown + 1024 * 1024
         free = fsutil.free_bytes(self.db.parent)
         if free < need:
             raise PrecheckFailed(f"not enough space next to {self.db}: need {need / 1e6:.1f} "
-                                 f"MB (migrated copy{'' if self._backup_linkable() else ' + '}"
-                                 f"{'' if self._backup_linkable() else 'backup copy'}), "
-                                 f"{free / 1e6:.1f} MB free", kind="disk-space")
+                                 f"MB (migrated copy), {free / 1e6:.1f} MB free",
+                                 kind="disk-space")
+        if not self._backup_linkable():
+            # The backup is a copy on the backup dir's own filesystem, not next to the DB.
+            need = size + 1024 * 1024
+            free = fsutil.free_bytes(cfg.backup_dir)
+            if free < need:
+                raise PrecheckFailed(f"not enough space in {cfg.backup_dir} (another "
+                                     f"filesystem than the database) for the backup copy: "
+                                     f"need {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free",
+                                     kind="disk-space")
         return the_plan, estimate, counts
 
     def _backup_linkable(self) -> bool:

@@ -157,6 +157,17 @@ class Run:
             return True
         return self.deadline is not None and time.monotonic() > self.deadline
 
+    def _stop_before_downtime(self) -> bool:
+        """The rehearsal's safe points: a stop request ends it (the app still runs)."""
+        self.reporter.heartbeat()
+        return self.stop_requested()
+
+    def _interrupted_before_stop(self) -> MigrationFailed:
+        # Same kind as a stop mid-apply, so the daemon keeps the bundle for its next
+        # start; nothing was changed and the app was never stopped.
+        return MigrationFailed("stop requested (SIGTERM) before the app was stopped; "
+                               "nothing was changed", kind="interrupted", restored=False)
+
     def _interrupt_reason(self) -> str:
         if self.stop_requested():
             return "stop requested (SIGTERM); stopped at a safe point"
@@ -234,7 +245,7 @@ class Run:
                 src.close()
             t_copy = time.monotonic() - t0
             with Engine(snapshot, fast=True, on_progress=self._progress("rehearsal"),
-                        should_stop=lambda: (self.reporter.heartbeat(), False)[1]) as eng:
+                        should_stop=self._stop_before_downtime) as eng:
                 self._work(eng, verified.source, the_plan)
                 problems = self._validate(eng.conn, the_plan, counts, verified)
             if problems:
@@ -244,6 +255,8 @@ class Run:
         except MigrateError as exc:
             if isinstance(exc, PrecheckFailed):
                 raise
+            if isinstance(exc, Interrupted):
+                raise self._interrupted_before_stop() from None
             raise PrecheckFailed(f"the rehearsal on a snapshot failed: {exc.message}",
                                  kind="rehearsal") from None
         except (sqlite3.Error, OSError) as exc:
@@ -356,6 +369,8 @@ class Run:
             result.outcome = "up-to-date"
             self.emit("plan", f"database already at version {the_plan.current}; nothing to do")
             return result
+        if self.stop_requested():
+            raise self._interrupted_before_stop()  # no downtime for a run being stopped
         return self._downtime(verified, the_plan, counts, result, allow_long)
 
     def _downtime(self, verified: Verified, the_plan: Plan, counts: dict[str, int],

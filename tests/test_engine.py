@@ -652,3 +652,27 @@ def test_property_batched_equals_single_statement(tmp_path_factory: pytest.TempP
 def test_source_helper_loads(tmp_path: Path) -> None:
     src = source(tmp_path / "s", {"schema/0001_a.sql": "CREATE TABLE a (x);\n"})
     assert [m.version for m in src.migrations] == [1]
+
+
+def test_planning_reads_only_the_db_bytes_stay_identical(tmp_path: Path) -> None:
+    src = load(four_versions(tmp_path))
+    db = tmp_path / "db"
+    apply(db, src, target=2)
+    before = db.read_bytes()
+    with Engine(db) as engine:
+        plan = engine.plan(src)
+        assert [m.version for m in plan.pending] == [3, 4]
+        assert engine.current_version() == 2
+        assert engine.batch_state(3) is None
+    assert db.read_bytes() == before
+
+
+def test_batched_migration_on_a_table_without_rowid_fails_clearly(tmp_path: Path) -> None:
+    db = make_db(tmp_path / "db", "CREATE TABLE vitals (k TEXT PRIMARY KEY, patient_mrn TEXT, "
+                                  "touched INTEGER) WITHOUT ROWID;")
+    with pytest.raises(MigrationSqlError) as info:
+        apply(db, load(backfill_source(tmp_path / "src", 10)))
+    assert info.value.path == "migrations/data/0001_backfill_mrn.sql"
+    assert "batch table 'vitals'" in info.value.sqlite_message
+    assert "rowid" in info.value.sqlite_message
+    assert versions(db) == []

@@ -487,13 +487,41 @@ class Run:
 
         assert self.journal is not None
         self.reporter.alert("migration-failed", f"{err.kind}: {err.message}")
-        restored_backup = restore_after_failure(self.config, self.journal, self.services,
-                                                self.reporter, error=err.to_dict())
+        try:
+            restored_backup = restore_after_failure(self.config, self.journal, self.services,
+                                                    self.reporter, error=err.to_dict())
+        except OSError as exc:
+            self._journal_unwritable(exc)
         if self.t_stop is not None:
             self.record["downtime_s"] = round(time.monotonic() - self.t_stop, 3)
         raise MigrationFailed(
             f"{err.message} — {'the backup was restored and ' if restored_backup else ''}"
             "the app runs on the old database", kind=err.kind, restored=True)
+
+
+    def _journal_unwritable(self, exc: OSError) -> None:
+        """The journal cannot record the failure (its filesystem is full or gone). Before
+        the rename the live file was never written, so the app is started on it at once;
+        the journal stays in its last durable phase, whose recovery (discard) is what was
+        just done, so a later ``recover`` closes the run idempotently. After the rename
+        nothing is guessed: exit 6, every file kept."""
+        from .recovery import _discard_copy, _start_app, _swapped
+
+        assert self.journal is not None
+        where = f"{self.config.journal_path}: {exc.strerror or exc}"
+        if _swapped(self.config, self.journal):
+            self.reporter.alert("restore-failed", f"the run journal cannot be written "
+                                f"({where}) after the migrated database went live; the app "
+                                "is left as it is; manual action needed")
+            raise RestoreFailed(f"the run journal cannot be written ({where}) after the "
+                                "migrated database went live; free space, then run "
+                                "'zmonitor-migrate recover'") from None
+        _discard_copy(self.config, self.journal)
+        _start_app(self.services, self.reporter)
+        raise MigrationFailed(f"the run journal cannot be written ({where}); the live "
+                              "database was never changed and the app runs on it; free space "
+                              "in the state dir, then 'zmonitor-migrate recover' closes the "
+                              "run", kind="journal-unwritable", restored=True) from None
 
 
 def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime) -> Verified:
@@ -647,7 +675,11 @@ def _finish(config: Config, run: Run, journal: Journal, result: RunResult,
             **{k: v for k, v in run.record.items() if k not in ("bundle", "sequence",
                                                                   "downtime_s")},
         }
-        history.append(config.history_path, record)
+        try:
+            history.append(config.history_path, record)
+        except OSError as exc:  # the outcome (exit code, journal) stands without it
+            run.reporter.alert("history-unwritable", f"cannot append to "
+                               f"{config.history_path}: {exc.strerror or exc}")
         write_metrics(config)
     if outcome in ("applied", "rolled-back"):
         protect = {Path(result.backup)} if result.backup else set()

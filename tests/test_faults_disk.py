@@ -1,0 +1,156 @@
+"""Issue 6, disk full: the phases issue 4's ``test_disk_full.py`` does not cover.
+
+Real tmpfs mounts (root only; skipped with the reason otherwise), filled by the test
+when the run's journal reaches a phase, so the next write of that phase fails with
+ENOSPC:
+
+- the backup: the backup dir on its own tmpfs (so the backup is a copy), filled right
+  after the stop, while the backup is being written;
+- the journal: the state dir on its own tmpfs, filled after the backup, so the next
+  journal write (the start of the apply) and every one after it fail;
+- the journal after the apply: filled while the copy is migrated, so the ``validated``
+  write (just before the swap) fails.
+
+The space is given back only after the run has exited (nothing frees it for the run).
+Every time: exit 4 or 5, the old data intact, the app running, no temp files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Device, make_device
+from fault_helpers import TALLY, before, journal_phase, leftovers, old_or_migrated, run_cli
+
+from zmonitor_migrated import fsutil
+
+
+@pytest.fixture
+def mounts() -> Iterator[list[Path]]:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("filling a real filesystem needs a tmpfs mount: root and mount(8)")
+    made: list[Path] = []
+    yield made
+    for m in reversed(made):
+        subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+def _mount(path: Path, size_kb: int, made: list[Path]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs",
+                           str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    made.append(path)
+
+
+class Filler:
+    """Fills ``fs`` when ``journal`` shows ``phase``; frees it when told to."""
+
+    def __init__(self, journal: Path, phase: str, fs: Path) -> None:
+        self.journal, self.phase, self.fs = journal, phase, fs
+        self.junk = fs / "junk.bin"
+        self.filled_at: str | None = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 120
+        while not self.done.is_set() and time.monotonic() < deadline:
+            if journal_phase(self.journal) == self.phase:
+                free = fsutil.free_bytes(self.fs)
+                try:
+                    fd = os.open(self.junk, os.O_WRONLY | os.O_CREAT, 0o600)
+                except OSError:
+                    fd = -1  # already full
+                if fd >= 0:
+                    for chunk in (1 << 20, 4096):
+                        try:
+                            while True:
+                                os.write(fd, b"\0" * chunk)
+                        except OSError:
+                            pass
+                    os.close(fd)
+                self.filled_at = f"{self.phase} ({free} B free before filling)"
+                self.filled_at = f"{self.phase} ({fsutil.free_bytes(self.fs)} B free)"
+                return
+            time.sleep(0.0005)
+
+    def release(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=10)
+        self.junk.unlink(missing_ok=True)
+
+
+def _device(tmp: Path, template: Path, pub: Path, **config: object) -> Device:
+    dev = make_device(tmp / "dev", template, pub)
+    if config:
+        dev.set_config(**config)
+    assert dev.systemctl("start", "zmonitor.service").returncode == 0
+    return dev
+
+
+def _run_filled(dev: Device, bundle: Path, fs: Path, phase: str, label: str) -> None:
+    ref = before(dev)
+    filler = Filler(dev.root / "state" / "journal.json", phase, fs)
+    try:
+        proc = run_cli(dev, "apply", str(bundle))
+    finally:
+        filler.release()
+    print(label, filler.filled_at, proc.returncode)
+    print(proc.stderr[-1500:])
+    assert filler.filled_at, f"{label}: the run never reached {phase}"
+    TALLY.faults[f"ENOSPC {label}"] += 1
+    TALLY.outcomes[f"exit {proc.returncode}"] += 1
+    assert proc.returncode in (4, 5), proc.stderr
+    if not dev.app_active():
+        TALLY.app_left_stopped.append(label)
+    assert dev.app_active(), f"{label}: app left stopped"
+    try:
+        assert old_or_migrated(dev, ref) == "old"
+    except AssertionError as exc:
+        TALLY.data_lost.append(f"{label}: {exc}")
+        raise
+    assert leftovers(dev) == []
+
+
+@pytest.mark.slow
+def test_backup_filesystem_fills_during_backup(tmp_path: Path, mounts: list[Path],
+                                               big_db_v10: Path, shipped_bundle: Path,
+                                               release_key: tuple[Path, Path]) -> None:
+    size = big_db_v10.stat().st_size
+    bfs = tmp_path / "backupfs"
+    _mount(bfs, (2 * size) // 1024, mounts)
+    dev = _device(tmp_path, big_db_v10, release_key[1], backup_dir=str(bfs))
+    try:
+        _run_filled(dev, shipped_bundle, bfs, "app_stopped", "backup")
+    finally:
+        dev.systemctl("stop", "zmonitor.service")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("phase", "label"), [("backed_up", "journal write (apply start)"),
+                                              ("applying", "journal write (validated)")])
+def test_state_filesystem_fills(tmp_path: Path, mounts: list[Path], sample_db_v10: Path,
+                                shipped_bundle: Path, release_key: tuple[Path, Path],
+                                phase: str, label: str) -> None:
+    sfs = tmp_path / "statefs"
+    _mount(sfs, 24 * 1024, mounts)
+    dev = _device(tmp_path, sample_db_v10, release_key[1], state_dir=str(sfs))
+    # the device helpers look for the state under root/state
+    (dev.root / "state").symlink_to(sfs)
+    try:
+        _run_filled(dev, shipped_bundle, sfs, phase, label)
+        rec = run_cli(dev, "recover")
+        assert rec.returncode == 0, rec.stderr
+        assert dev.app_active()
+    finally:
+        dev.systemctl("stop", "zmonitor.service")

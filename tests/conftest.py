@@ -229,3 +229,16 @@ def max_vitals_rowid(db: Path) -> int:
         return int(conn.execute("SELECT COALESCE(MAX(rowid), 0) FROM vitals").fetchone()[0])
     finally:
         conn.close()
+
+
+# -- issue 6 (fault injection): the tally the test_faults_* tests fill --------------------
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    try:
+        from fault_helpers import TALLY
+    except ImportError:
+        return
+    lines = TALLY.lines()
+    if lines:
+        terminalreporter.section("fault injection summary (issue 6)")
+        for line in lines:
+            terminalreporter.write_line(line)

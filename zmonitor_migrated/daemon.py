@@ -33,7 +33,7 @@ from typing import Any
 from . import pipeline
 from .archive import Caps, open_bundle
 from .config import Config
-from .errors import LockHeld, MigrateError, MigrationFailed, RestoreFailed
+from .errors import LockHeld, MigrateError, RestoreFailed
 from .lock import RunLock
 from .manifest import Manifest
 from .progress import NotifySink, Reporter, default_sinks
@@ -91,16 +91,18 @@ def process(path: Path, config: Config, reporter: Reporter, stop: _Stop) -> dict
     try:
         result = pipeline.apply(path, config, reporter=reporter, stop_requested=stop,
                                 wait=True)
-    except MigrationFailed as exc:
-        if exc.kind == "interrupted" and stop():
-            return {"bundle": path.name, "outcome": "interrupted", "kept_in_inbox": True}
-        return _reject(path, rejected_dir, exc)
     except RestoreFailed as exc:
+        if exc.kind == "restore-blocked":
+            # Not this bundle's fault: keep it until an operator has restored a backup.
+            return {"bundle": path.name, "outcome": "blocked", "kept_in_inbox": True,
+                    "message": exc.message}
         _reject(path, rejected_dir, exc)
         raise
     except LockHeld:
         return {"bundle": path.name, "outcome": "locked"}
     except MigrateError as exc:
+        if exc.kind == "interrupted" and stop():
+            return {"bundle": path.name, "outcome": "interrupted", "kept_in_inbox": True}
         return _reject(path, rejected_dir, exc)
     dest = _move(path, archive_dir, f"{result.run_id}-{path.name}")
     return {"bundle": path.name, "outcome": result.outcome, "archived": str(dest)}
@@ -143,6 +145,7 @@ def run_daemon(config: Config) -> int:
     observer = _watch(config.inbox, wake)
     caps = Caps.from_config(config)
     exit_code = 0
+    blocked = False
     try:
         while not stop():
             found = sorted(candidates(config.inbox), key=lambda p: (sequence_of(p, caps),
@@ -151,6 +154,13 @@ def run_daemon(config: Config) -> int:
                 if stop():
                     break
                 summary = process(path, config, reporter, stop)
+                if summary["outcome"] == "blocked":
+                    if not blocked:
+                        reporter.alert("restore-failed", summary["message"] + "; bundles "
+                                       "wait in the inbox")
+                    blocked = True
+                    break
+                blocked = False
                 reporter.emit("idle", f"{summary['bundle']}: {summary['outcome']}")
                 if summary["outcome"] == "locked":
                     break

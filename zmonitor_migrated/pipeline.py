@@ -25,6 +25,7 @@ Guarantees:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import sqlite3
@@ -162,11 +163,11 @@ class Run:
         self.reporter.heartbeat()
         return self.stop_requested()
 
-    def _interrupted_before_stop(self) -> MigrationFailed:
-        # Same kind as a stop mid-apply, so the daemon keeps the bundle for its next
-        # start; nothing was changed and the app was never stopped.
-        return MigrationFailed("stop requested (SIGTERM) before the app was stopped; "
-                               "nothing was changed", kind="interrupted", restored=False)
+    def _interrupted_before_stop(self) -> PrecheckFailed:
+        # Exit 4 (nothing touched, app never stopped); kind "interrupted" like a stop
+        # mid-apply, so the daemon keeps the bundle for its next start.
+        return PrecheckFailed("stop requested (SIGTERM) before the app was stopped; "
+                              "nothing was changed", kind="interrupted")
 
     def _interrupt_reason(self) -> str:
         if self.stop_requested():
@@ -462,9 +463,7 @@ class Run:
             self.services.health_gate(cfg.health_check_s, tick=self.reporter.heartbeat)
             j.advance(Phase.COMMITTED)
         except BaseException as exc:
-            err = exc if isinstance(exc, MigrateError) else MigrateError(
-                f"{type(exc).__name__}: {exc}", kind="internal")
-            self.fail(err)
+            self.fail(_classify(exc))
             raise AssertionError("unreachable") from None
         result.outcome = "applied"
         self.record["db_size_after"] = dbinfo.file_size(self.db)
@@ -522,6 +521,19 @@ class Run:
                               "database was never changed and the app runs on it; free space "
                               "in the state dir, then 'zmonitor-migrate recover' closes the "
                               "run", kind="journal-unwritable", restored=True) from None
+
+
+def _classify(exc: BaseException) -> MigrateError:
+    """Name the cause of a failure after the stop; a full disk gets its own kind."""
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or \
+        "database or disk is full" in str(getattr(exc, "message", exc))
+    if full:
+        text = exc.message if isinstance(exc, MigrateError) else str(exc)
+        return MigrateError(f"the disk filled up during the run ({text}); free space on the "
+                            "database's filesystem and retry", kind="disk-full")
+    if isinstance(exc, MigrateError):
+        return exc
+    return MigrateError(f"{type(exc).__name__}: {exc}", kind="internal")
 
 
 def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime) -> Verified:
@@ -612,7 +624,7 @@ def drive(config: Config, obtain: Callable[[Path], Verified], *, label: str,
             raise RestoreFailed(
                 f"run {last.run_id} could not restore its backup and the database may be "
                 "damaged; no new run starts until an operator restores a backup "
-                "('zmonitor-migrate restore BACKUP')")
+                "('zmonitor-migrate restore BACKUP')", kind="restore-blocked")
         run = Run(config, services=services, reporter=reporter,
                   stop_requested=stop_requested, now=now)
         run.rollback_to = rollback_to
@@ -656,7 +668,7 @@ def _finish(config: Config, run: Run, journal: Journal, result: RunResult,
     if error is not None:
         outcome = {3: "rejected", 4: "precheck-failed", 5: "restored",
                    6: "restore-failed"}.get(error.exit_code, "failed")
-        if isinstance(error, MigrationFailed) and error.kind == "interrupted":
+        if error.kind == "interrupted":
             outcome = "interrupted"
     else:
         outcome = result.outcome

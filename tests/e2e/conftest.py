@@ -98,8 +98,12 @@ def _clean_stale_runs(runs: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def booted(deb_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
-    logs = tmp_path_factory.mktemp("e2e-logs")
+def booted(deb_path: Path) -> Iterator[Booted]:
+    # Stable place for the console log, the rootfs build log and the units' journal,
+    # so a failed CI run can be read afterwards.
+    logs = CACHE_DIR / "logs" / "last"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir(parents=True)
     cache = RootfsCache()
     with timed("rootfs (debootstrap or cache)"):
         try:

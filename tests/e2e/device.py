@@ -242,7 +242,7 @@ class Device:
         """Run CMD (argv, or a string for /bin/sh -c) inside the container."""
         argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         full = ["nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net",
-                "--pid", "--root", "--wd=/", "--", "env", "-i",
+                "--pid", "--root", "--wd", "--", "env", "-i",
                 *(f"{k}={v}" for k, v in CONTAINER_ENV.items()), *argv]
         res = subprocess.run(full, capture_output=True, text=True, timeout=timeout,
                              input=input, stdin=None if input is not None else subprocess.DEVNULL)

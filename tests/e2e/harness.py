@@ -49,7 +49,7 @@ app_unit: zmonitor.service
 state_dir: {STATE}
 runtime_dir: /run/zmonitor-migrated
 inbox: {INBOX}
-backup_dir: {STATE}/backups
+backup_dir: /var/lib/zmonitor/migration-backups
 backup_keep: 3
 trust_dir: /etc/zmonitor-migrated/trusted.d
 signature_threshold: 1
@@ -165,9 +165,39 @@ class ZMonitor:
         self.dev.run(["mv", f"{INBOX}/.{name}.partial", f"{INBOX}/{name}"])
         return name
 
+    def has(self, where: str, name: str) -> bool:
+        """Bundle NAME is in archive/ or rejected/ (stored there as <run id>-<name>)."""
+        return any(f == name or f.endswith(f"-{name}") for f in self.files(where))
+
     def files(self, sub: str) -> list[str]:
         res = self.run(["ls", "-1A", f"{STATE}/{sub}"])
         return res.stdout.split() if res.returncode == 0 else []
+
+    def journal_closed(self) -> bool:
+        """No run in progress: no journal yet, or the last one has an outcome."""
+        j = self.journal()
+        return not j or j.get("outcome") is not None
+
+    def journal(self) -> dict[str, Any]:
+        res = self.run(["cat", f"{STATE}/journal.json"])
+        return json.loads(res.stdout) if res.returncode == 0 and res.stdout else {}
+
+    def history(self) -> list[dict[str, Any]]:
+        return list(self.cli_json("history").get("runs", []))
+
+    def wait_settled(self, name: str, where: str = "archive", timeout: float = 180.0
+                     ) -> dict[str, Any]:
+        """Wait until bundle NAME left the inbox for WHERE (archive/rejected), the run's
+        journal is closed and the app is active; return the last history record."""
+        def done() -> bool:
+            return (self.has(where, name)
+                    and name not in self.files("inbox")
+                    and self.journal().get("outcome") is not None
+                    and self.is_active(APP) == "active")
+        self.wait_for(f"{name} in {where}/ with the app active", done, timeout)
+        runs = self.history()
+        assert runs, "no run in the history"
+        return runs[-1]
 
     # -- app ledger --------------------------------------------------------------
     def ledger(self) -> list[tuple[str, int, int, int]]:
@@ -213,3 +243,11 @@ class ZMonitor:
                      f"/var/lib/zmonitor && chmod 0640 {DB}")
         self.dev.run(["systemctl", "start", APP], timeout=60)
         self.dev.run(["systemctl", "start", DAEMON], timeout=120)
+
+
+def phase_starts(journal: dict[str, Any]) -> dict[str, float]:
+    """Phase name -> wall-clock time (s) it was first entered, from a journal.json."""
+    out: dict[str, float] = {}
+    for name, t in journal.get("phases", []):
+        out.setdefault(name, float(t))
+    return out

@@ -97,3 +97,30 @@ def test_tampered_inner_bundle_fails_artifact_install(mz: ZMonitor) -> None:
     assert mz.is_active(APP) == "active"
     assert mz.prop(APP, "MainPID") == pid, "the app was restarted"
     assert shown_artifact(mz) == "factory"
+
+
+def test_module_states_run_twice_are_safe(mz: ZMonitor) -> None:
+    """What a power cut makes mender do: repeat a state. Driven by hand, as mender does."""
+    bundle = mz.build(mz.make_source("full"), 1, "zmonitor-s1")
+    files = f"{E2E}/module-files"
+    mz.run(["rm", "-rf", files])
+    mz.run(["mkdir", "-p", f"{files}/files", f"{files}/tmp"])
+    mz.run(["cp", bundle, f"{files}/files/"])
+    for _ in range(2):
+        res = mz.run([MODULE, "ArtifactInstall", files])
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert mz.version() == 14
+    runs = len(mz.history())
+    pid = mz.prop(APP, "MainPID")
+    assert mz.run([MODULE, "ArtifactCommit", files]).returncode == 0
+    assert mz.run([MODULE, "ArtifactCommit", files]).returncode == 0
+    assert len(mz.history()) == runs and mz.prop(APP, "MainPID") == pid
+    for _ in range(2):
+        res = mz.run([MODULE, "ArtifactRollback", files])
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert mz.version() == 4
+    rolled_back_pid = mz.prop(APP, "MainPID")
+    res = mz.run([MODULE, "ArtifactFailure", files])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert mz.is_active(APP) == "active"
+    assert mz.prop(APP, "MainPID") == rolled_back_pid, "recover restarted a running app"

@@ -128,6 +128,9 @@ def make_device(root: Path, db_template: Path, trust_pub: Path, *,
         "inbox": str(root / "inbox"), "backup_dir": str(root / "backups"),
         "trust_dir": str(root / "trusted.d"), "health_check_s": 0.5, "stop_timeout_s": 10,
         "max_downtime_s": 120, "systemctl": str(wrapper),
+        # Honour the bundles' own batch sizes on the private copy (the default raises them
+        # to 50,000 rows for speed), so tests with small batches really take their time.
+        "batch_size": 1,
         "metrics_path": str(root / "metrics" / "zmonitor_migrate.prom"),
     }
     config_path = root / "config.yaml"

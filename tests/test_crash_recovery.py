@@ -76,7 +76,8 @@ class Box:
             "systemctl": str(stub), "state_dir": str(self.state),
             "runtime_dir": str(root / "run"), "inbox": str(root / "inbox"),
             "backup_dir": str(root / "backups"), "trust_dir": str(root / "trusted.d"),
-            "health_check_s": 0.3, "stop_timeout_s": 5, "max_downtime_s": 120}))
+            "health_check_s": 0.3, "stop_timeout_s": 5, "max_downtime_s": 120,
+            "batch_size": 1}))  # keep the bundle's 25-row batches on the private copy
         self.env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.env.pop("NOTIFY_SOCKET", None)
 

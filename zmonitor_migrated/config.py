@@ -34,10 +34,11 @@ class Config:
     signature_threshold: int = 1
     revoked_keys: tuple[str, ...] = ()
     max_downtime_s: float = 300.0
-    batch_size: int = 10000
+    batch_size: int = 50000  # at least this many rows per batch on the private copy
     health_check_s: float = 10.0
     stop_timeout_s: float = 60.0
-    integrity_check: str = "full"  # or "quick"
+    integrity_check: str = "full"  # pre-checks and rehearsal: "full" or "quick"
+    downtime_integrity_check: str = "quick"  # the migrated copy, while the app is down
     clock_slack_s: float = 300.0
     max_bundle_bytes: int = 512 * 1024 * 1024
     max_bundle_members: int = 10000
@@ -70,7 +71,7 @@ _INTS = {"backup_keep": 1, "signature_threshold": 1, "batch_size": 1, "max_bundl
          "max_bundle_members": 1}
 _FLOATS = {"max_downtime_s": 0.001, "health_check_s": 0.0, "stop_timeout_s": 0.1,
            "clock_slack_s": 0.0}
-_STRS = {"device_type", "integrity_check", "systemctl"}
+_STRS = {"device_type", "integrity_check", "downtime_integrity_check", "systemctl"}
 
 
 def _fail(key: str, expected: str, value: object, path: Path | str) -> ConfigError:
@@ -126,8 +127,9 @@ def from_mapping(raw: dict[str, Any], source: Path | str = "<config>") -> Config
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise _fail(key, "a list of key ids (hex strings)", value, source)
             values[key] = tuple(v.lower() for v in value)
-    if values.get("integrity_check", "full") not in ("full", "quick"):
-        raise _fail("integrity_check", "'full' or 'quick'", values["integrity_check"], source)
+    for key in ("integrity_check", "downtime_integrity_check"):
+        if values.get(key, "full") not in ("full", "quick"):
+            raise _fail(key, "'full' or 'quick'", values[key], source)
     return Config(**values)
 
 

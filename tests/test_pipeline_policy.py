@@ -26,7 +26,7 @@ def test_a_full_disk_is_named_whatever_layer_noticed_it() -> None:
     assert _classify(named) is named
 
 
-def test_daemon_keeps_bundles_while_a_failed_restore_blocks_runs(device, shipped_bundle) -> None:
+def _record_failed_restore(device) -> config_mod.Config:
     cfg = config_mod.load(device.config_path)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     j = Journal.create(cfg.journal_path)
@@ -34,6 +34,11 @@ def test_daemon_keeps_bundles_while_a_failed_restore_blocks_runs(device, shipped
                   Phase.RESTORING):
         j.advance(phase)
     j.close("restore-failed")
+    return cfg
+
+
+def test_daemon_keeps_bundles_while_a_failed_restore_blocks_runs(device, shipped_bundle) -> None:
+    cfg = _record_failed_restore(device)
     cfg.inbox.mkdir(parents=True, exist_ok=True)
     dropped = cfg.inbox / "zmonitor-1.zmb"
     dropped.write_bytes(shipped_bundle.read_bytes())
@@ -51,13 +56,7 @@ def test_daemon_keeps_bundles_while_a_failed_restore_blocks_runs(device, shipped
 
 
 def test_gate_refuses_the_app_after_a_failed_restore(device) -> None:
-    cfg = config_mod.load(device.config_path)
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    j = Journal.create(cfg.journal_path)
-    for phase in (Phase.VERIFIED, Phase.PRECHECKED, Phase.APP_STOPPED, Phase.FAILED,
-                  Phase.RESTORING):
-        j.advance(phase)
-    j.close("restore-failed")
+    cfg = _record_failed_restore(device)
     proc = device.cli("gate")
     assert proc.returncode == 1
     assert "restore" in proc.stdout

@@ -53,6 +53,7 @@ import yaml
 from . import sources
 from .archive import MANIFEST_NAME, SIGNATURES_NAME, Caps, extract_payload, open_bundle
 from .errors import BundleRejected, LintFailed, UsageError
+from .fsutil import fsync_dir
 from .keys import load_private_key
 from .lint import lint_source
 from .manifest import ROOT_FILES, FileEntry, Manifest, check_path
@@ -236,14 +237,6 @@ def atomic_output(out: Path) -> Iterator[BinaryIO]:
             tmp.unlink()
         raise
     fsync_dir(out.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_bundle(out: Path, manifest_bytes: bytes, signatures: bytes, manifest: Manifest,

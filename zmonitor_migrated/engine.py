@@ -26,10 +26,11 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -246,15 +247,22 @@ class Engine:
             undone.append(mig.version)
         return undone
 
-    def _ensure_bookkeeping(self) -> None:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``; any exception rolls the whole block back."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            self.conn.execute(SCHEMA_VERSION_DDL)
-            self.conn.execute(BATCH_DDL)
+            yield
             self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
+
+    def _ensure_bookkeeping(self) -> None:
+        with self._transaction():
+            self.conn.execute(SCHEMA_VERSION_DDL)
+            self.conn.execute(BATCH_DDL)
 
     def _record_version(self, mig: Migration, started: float, elapsed_ms: int = 0) -> None:
         ms = elapsed_ms + int((time.perf_counter() - started) * 1000)
@@ -322,19 +330,13 @@ class Engine:
         fk_before = self.conn.execute("PRAGMA foreign_keys").fetchone()[0]
         self.conn.execute("PRAGMA foreign_keys=OFF")
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 sequences = self._sequences()
                 for stmt in statements:
                     self._execute(path, version, stmt)
                 self._keep_sequences(sequences)
                 self._fk_violations(path, version)
                 after()
-                self.conn.execute("COMMIT")
-            except BaseException:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
         finally:
             self.conn.execute(f"PRAGMA foreign_keys={int(fk_before)}")
 
@@ -359,23 +361,21 @@ class Engine:
                     kind="applied-migration-changed")
             state = row[:6]
         if state is None:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                lo, hi = self.conn.execute(
-                    f'SELECT min(rowid), max(rowid) FROM "{table}"').fetchone()
-            except sqlite3.Error as exc:
-                self.conn.execute("ROLLBACK")
-                raise MigrationSqlError(mig.path, 1, f"batch table {table!r}: {exc}",
-                                        version=mig.version) from None
-            # Not ``lo or 1``: rowid 0 (and negative rowids) are valid and must be walked.
-            lo, hi = (1, 0) if lo is None else (lo, hi)
-            total = max(0, (hi - lo) // size + 1) if hi >= lo else 0
-            state = (lo, hi, 0, total, 0, 0)
-            self.conn.execute(
-                f"INSERT INTO {BATCH_TABLE} (version, next_rowid, max_rowid, batches_done, "
-                f"batches_total, rows_changed, elapsed_ms, file_hash) "
-                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (mig.version, *state, mig.sha256))
-            self.conn.execute("COMMIT")
+            with self._transaction():
+                try:
+                    lo, hi = self.conn.execute(
+                        f'SELECT min(rowid), max(rowid) FROM "{table}"').fetchone()
+                except sqlite3.Error as exc:
+                    raise MigrationSqlError(mig.path, 1, f"batch table {table!r}: {exc}",
+                                            version=mig.version) from None
+                # Not ``lo or 1``: rowid 0 (and negative rowids) are valid and are walked.
+                lo, hi = (1, 0) if lo is None else (lo, hi)
+                total = max(0, (hi - lo) // size + 1) if hi >= lo else 0
+                state = (lo, hi, 0, total, 0, 0)
+                self.conn.execute(
+                    f"INSERT INTO {BATCH_TABLE} (version, next_rowid, max_rowid, batches_done, "
+                    f"batches_total, rows_changed, elapsed_ms, file_hash) "
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (mig.version, *state, mig.sha256))
         next_rowid, max_rowid, batches_done, total, rows_changed, elapsed_ms = state
         fk_before = self.conn.execute("PRAGMA foreign_keys").fetchone()[0]
         self.conn.execute("PRAGMA foreign_keys=ON")
@@ -387,40 +387,28 @@ class Engine:
                     raise Interrupted(f"stopped in migration {mig.version} after batch "
                                       f"{batches_done}/{total} at a safe point")
                 end = min(next_rowid + size - 1, max_rowid)
-                self.conn.execute("BEGIN IMMEDIATE")
-                try:
+                with self._transaction():
                     changed = 0
                     for stmt in statements:
                         changed += self._execute(mig.path, mig.version, stmt,
                                                  {"batch_start": next_rowid, "batch_end": end})
-                    batches_done += 1
-                    rows_changed += changed
                     self.conn.execute(
                         f"UPDATE {BATCH_TABLE} SET next_rowid=?, batches_done=?, "
                         f"rows_changed=?, elapsed_ms=? WHERE version=?",
-                        (end + 1, batches_done, rows_changed,
+                        (end + 1, batches_done + 1, rows_changed + changed,
                          elapsed_ms + int((time.perf_counter() - run_started) * 1000),
                          mig.version))
-                    self.conn.execute("COMMIT")
-                except BaseException:
-                    if self.conn.in_transaction:
-                        self.conn.execute("ROLLBACK")
-                    raise
+                batches_done += 1
+                rows_changed += changed
                 next_rowid = end + 1
                 spent = time.perf_counter() - run_started
                 per_batch = spent / max(1, batches_done - first_batch)
                 self.on_progress(Progress(
                     mig.version, mig.path, index, count, batch=batches_done, batches=total,
                     rows=rows_changed, eta_s=per_batch * (total - batches_done)))
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 self._record_version(mig, run_started, elapsed_ms)
                 self.conn.execute(f"DELETE FROM {BATCH_TABLE} WHERE version=?", (mig.version,))
-                self.conn.execute("COMMIT")
-            except BaseException:
-                if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
-                raise
         finally:
             self.conn.execute(f"PRAGMA foreign_keys={int(fk_before)}")
         self.on_progress(Progress(mig.version, mig.path, index, count, batch=batches_done,

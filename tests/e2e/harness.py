@@ -133,8 +133,8 @@ class ZMonitor:
 
     # -- bundles -----------------------------------------------------------------
     def make_source(self, name: str, *, upto: int | None = None,
-                    extra: dict[str, str] | None = None, keep_expectations: bool = True
-                    ) -> str:
+                    extra: dict[str, str] | None = None, keep_expectations: bool = True,
+                    batch_rows: int | None = None) -> str:
         """Copy the shipped bundle source inside the device, optionally truncated to
         migrations <= UPTO or extended with EXTRA files (paths under the source)."""
         src = f"{E2E}/src/{name}"
@@ -145,6 +145,9 @@ class ZMonitor:
             self.dev.run(f"cd {src}/migrations && for f in */*.sql; do "
                          f"v=$(basename $f | cut -c1-4); "
                          f"[ $((10#$v)) -le {upto} ] || rm -f $f; done")
+        if batch_rows is not None:  # smaller batches: a batched migration that lasts
+            self.dev.run(f"sed -i -E 's/^(-- zmonitor:batch .*size=)[0-9]+/\\1{batch_rows}/' "
+                         f"{src}/migrations/*/*.sql")
         if not keep_expectations:
             self.dev.run(["rm", "-rf", f"{src}/checks", f"{src}/schema"])
         for rel, text in (extra or {}).items():

@@ -51,24 +51,22 @@ class DeviceError(RuntimeError):
     pass
 
 
-def host_mirror() -> str:
-    """The Debian mirror the host itself uses (deb822 or one-line sources)."""
-    candidates = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
-    for src in candidates:
-        text = src.read_text(encoding="utf-8")
-        for stanza in re.split(r"\n\s*\n", text):
-            if re.search(r"^Suites:.*\b" + SUITE + r"\b(?!-)", stanza, re.M):
-                m = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
-                if m:
-                    return m.group(1)
+def host_mirror(suite: str = SUITE, default: str = "http://deb.debian.org/debian") -> str:
+    """The mirror the host's own apt uses for SUITE (deb822 or one-line sources)."""
+    for src in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for stanza in re.split(r"\n\s*\n", src.read_text(encoding="utf-8")):
+            suites = re.search(r"^Suites:(.*)$", stanza, re.M)
+            uri = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+            if suites and uri and suite in suites.group(1).split():
+                return uri.group(1)
     lists = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*.list")]
     for lst in lists:
         if lst.exists():
             for line in lst.read_text(encoding="utf-8").splitlines():
-                m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+" + SUITE + r"\s", line)
-                if m:
+                m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)\s", line)
+                if m and m.group(2) == suite:
                     return m.group(1)
-    return "http://deb.debian.org/debian"
+    return default
 
 
 def _sh(cmd: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -81,7 +79,9 @@ class RootfsCache:
     def __init__(self, cache_dir: Path = CACHE_DIR) -> None:
         self.cache_dir = cache_dir
         self.mirror = host_mirror()
-        key = "\n".join([RECIPE, SUITE, self.mirror, *BASE_PACKAGES, *DEVICE_PACKAGES])
+        self.security = host_mirror(f"{SUITE}-security", "http://deb.debian.org/debian-security")
+        key = "\n".join([RECIPE, SUITE, self.mirror, self.security, *BASE_PACKAGES,
+                         *DEVICE_PACKAGES])
         self.key = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.path = cache_dir / f"rootfs-{SUITE}-{self.key}"
 
@@ -99,7 +99,7 @@ class RootfsCache:
             (tmp / "etc/apt/sources.list").write_text(
                 f"deb {self.mirror} {SUITE} main\n"
                 f"deb {self.mirror} {SUITE}-updates main\n"
-                f"deb {self.mirror.replace('/debian', '/debian-security')} {SUITE}-security main\n",
+                f"deb {self.security} {SUITE}-security main\n",
                 encoding="utf-8",
             )
             # No service may start while packages are installed into the image.

@@ -23,7 +23,14 @@ from typing import Any
 
 import pytest
 
-from .device import CACHE_DIR, Device, DeviceError, Overlay, RootfsCache
+from .device import (
+    CACHE_DIR,
+    Device,
+    DeviceError,
+    Overlay,
+    RootfsCache,
+    stop_stale_containers,
+)
 from .harness import (
     APP,
     APP_UNIT,
@@ -113,6 +120,7 @@ def booted(deb_path: Path) -> Iterator[Booted]:
     TIMINGS["rootfs built now (1=cold)"] = float(built)
     runs = CACHE_DIR / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    stop_stale_containers()  # from sessions killed before their teardown
     _clean_stale_runs(runs)
     with Overlay(lower, runs / str(os.getpid())) as root:
         dev = Device(root, logs / "console.log", name=f"zmonitor-e2e-{os.getpid()}")

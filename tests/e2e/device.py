@@ -15,6 +15,7 @@ knows about the daemon: the fixtures in conftest.py install the .deb and the app
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import re
@@ -169,6 +170,46 @@ class Overlay:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the nspawn child: get SIGTERM when the test session dies, however it dies.
+    SIGTERM makes systemd-nspawn power the container off cleanly."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def stale_containers(prefix: str = "zmonitor-e2e-") -> list[tuple[int, int]]:
+    """(nspawn pid, session pid) of containers this harness booted for a test session
+    that no longer exists (a session killed before its teardown)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if not argv or not argv[0].endswith(b"systemd-nspawn"):
+                continue
+            for arg in argv:
+                m = re.fullmatch(rb"--machine=" + re.escape(prefix.encode()) + rb"(\d+)", arg)
+                if m and not Path(f"/proc/{int(m.group(1))}").exists():
+                    found.append((int(proc.name), int(m.group(1))))
+    return found
+
+
+def stop_stale_containers() -> None:
+    """Power off the containers of dead test sessions (SIGTERM to their own nspawn)."""
+    for nspawn_pid, _session in stale_containers():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(nspawn_pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{nspawn_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            if Path(f"/proc/{nspawn_pid}").exists():
+                os.kill(nspawn_pid, signal.SIGKILL)
+
+
 class Device:
     """A booted container. ``run`` executes inside it as root."""
 
@@ -187,7 +228,7 @@ class Device:
              f"--machine={self.name}", "--console=passive", "--timezone=off",
              "--link-journal=no"],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
         logf.close()
         deadline = time.monotonic() + timeout

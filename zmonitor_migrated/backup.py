@@ -5,8 +5,8 @@ Guarantees:
 - A backup is named ``<db-name>-<UTC YYYYmmddTHHMMSSZ>-v<version>.db`` and has a
   ``.sha256`` sidecar; both are fsynced, and so is the backup directory.
 - In the swap design the backup is a hard link to the untouched original inode (no copy
-  during the downtime); where the backup dir is on another filesystem it is a streamed,
-  fsynced copy.
+  during the downtime); where the kernel refuses the link (another filesystem, or
+  another mount of the same one) it is a streamed, fsynced copy.
 - ``restore`` checks the backup against its recorded sha256 *before* touching the live
   path (a corrupted backup overwrites nothing), copies it next to the live file, removes
   the live file's ``-wal``/``-shm``/``-journal`` first (a stale side file of the other
@@ -16,6 +16,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -88,9 +89,14 @@ def take(db: Path, backup_dir: Path, version: int, sha256: str | None) -> Backup
     """Back up ``db`` (which nobody writes to now) into ``backup_dir``."""
     backup_dir.mkdir(parents=True, exist_ok=True)
     target = _unique(backup_dir / backup_name(db, version))
-    linked = fsutil.same_filesystem(db, backup_dir)
-    if linked:
+    try:
         os.link(db, target)
+        linked = True
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            raise
+        linked = False  # another filesystem or mount: a streamed, fsynced copy instead
+    if linked:
         digest = sha256 or fsutil.sha256_file(target)
     else:
         digest = fsutil.copy_durable(db, target)

@@ -28,7 +28,9 @@ class Config:
     state_dir: Path = Path("/var/lib/zmonitor-migrated")
     runtime_dir: Path = Path("/run/zmonitor-migrated")
     inbox: Path = Path("/var/lib/zmonitor-migrated/inbox")
-    backup_dir: Path = Path("/var/lib/zmonitor-migrated/backups")
+    # Beside the database, so a backup is a hard link: under the service's
+    # ProtectSystem=strict the state dir is another mount, where link(2) fails.
+    backup_dir: Path = Path("/var/lib/zmonitor/migration-backups")
     backup_keep: int = 3
     trust_dir: Path = Path("/etc/zmonitor-migrated/trusted.d")
     signature_threshold: int = 1

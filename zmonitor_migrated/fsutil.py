@@ -152,5 +152,20 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def same_filesystem(a: Path, b: Path) -> bool:
-    return os.stat(a).st_dev == os.stat(b).st_dev
+def can_hardlink(src_dir: Path, dst_dir: Path) -> bool:
+    """Whether a file in ``src_dir`` can be hard-linked into ``dst_dir``. Asked of the
+    kernel, not deduced from ``st_dev``: two bind mounts of one filesystem (systemd's
+    ``ReadWritePaths=`` under ``ProtectSystem=strict``) share a device yet refuse
+    ``link(2)`` across them with EXDEV."""
+    probe = src_dir / f".linkprobe-{os.getpid()}"
+    target = dst_dir / probe.name
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        os.link(probe, target)
+        return True
+    except OSError:
+        return False
+    finally:
+        remove(target)
+        remove(probe)

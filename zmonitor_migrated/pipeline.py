@@ -297,7 +297,7 @@ class Run:
     def _backup_linkable(self) -> bool:
         try:
             self.config.backup_dir.mkdir(parents=True, exist_ok=True)
-            return fsutil.same_filesystem(self.db, self.config.backup_dir)
+            return fsutil.can_hardlink(self.db.parent, self.config.backup_dir)
         except OSError:
             return False
 

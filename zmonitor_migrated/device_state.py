@@ -30,6 +30,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .dbinfo import open_ro
 from .errors import PrecheckFailed
 
 BUNDLES_TABLE = "zmonitor_migrated_bundles"
@@ -47,25 +48,12 @@ def _tables(conn: sqlite3.Connection) -> set[str]:
     return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 
 
-def _wal_without_writer(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            header = f.read(20)
-    except OSError:
-        return False
-    is_wal = header.startswith(b"SQLite format 3\x00") and header[18:20] == b"\x02\x02"
-    return is_wal and not Path(str(path) + "-wal").exists()
-
-
 def device_state(db_path: Path | str) -> DeviceState:
     path = Path(db_path)
     if not path.exists():
         return DeviceState(exists=False)
-    uri = path.absolute().as_uri() + "?mode=ro"
-    if _wal_without_writer(path):
-        uri += "&immutable=1"
     try:
-        conn = sqlite3.connect(uri, uri=True)
+        conn = open_ro(path)
     except sqlite3.Error as exc:
         raise PrecheckFailed(f"cannot open the database {path} read-only: {exc}") from None
     try:

@@ -34,6 +34,7 @@ from . import pipeline
 from .archive import Caps, open_bundle
 from .config import Config
 from .errors import LockHeld, MigrateError, RestoreFailed
+from .fsutil import atomic_write
 from .lock import RunLock
 from .manifest import Manifest
 from .progress import NotifySink, Reporter, default_sinks
@@ -74,13 +75,18 @@ def sequence_of(path: Path, caps: Caps) -> int:
         return 2**62  # unreadable ones last; their run rejects them with a reason
 
 
-def _move(src: Path, dest_dir: Path, name: str) -> Path:
+def _free_name(dest_dir: Path, name: str) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / name
     i = 1
     while dest.exists():
         dest = dest_dir / f"{name}.{i}"
         i += 1
+    return dest
+
+
+def _move(src: Path, dest_dir: Path, name: str) -> Path:
+    dest = _free_name(dest_dir, name)
     shutil.move(str(src), dest)
     return dest
 
@@ -111,10 +117,13 @@ def process(path: Path, config: Config, reporter: Reporter, stop: _Stop) -> dict
 def _reject(path: Path, rejected_dir: Path, exc: MigrateError) -> dict[str, Any]:
     if not path.exists():
         return {"bundle": path.name, "outcome": "gone"}
-    dest = _move(path, rejected_dir, path.name)
+    dest = _free_name(rejected_dir, path.name)
     reason = {"kind": exc.kind, "message": exc.message, "exit_code": exc.exit_code,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    dest.with_name(dest.name + ".reason.json").write_text(json.dumps(reason, indent=1) + "\n")
+    # The reason first, atomically: whoever sees the bundle in rejected/ finds it whole.
+    atomic_write(dest.with_name(dest.name + ".reason.json"),
+                 (json.dumps(reason, indent=1) + "\n").encode())
+    shutil.move(str(path), dest)
     return {"bundle": path.name, "outcome": "rejected", "reason": reason}
 
 

@@ -107,8 +107,9 @@ def test_database_filesystem_fills(tmp_path: Path, mounts: list[Path], big_db_v1
                                    phase: str) -> None:
     size = big_db_v10.stat().st_size
     fs = tmp_path / "datafs"
-    # Room for the DB, its migrated copy with growth, and the pre-check's margin.
-    _mount(fs, (3 * size + 4 * 1024 * 1024) // 1024)
+    # Room for the DB, its migrated copy with growth, the room the pre-check keeps to
+    # restore the backup, and its margin.
+    _mount(fs, (4 * size + 4 * 1024 * 1024) // 1024)
     mounts.append(fs)
     dev = _device_on(tmp_path / "dev", fs, big_db_v10, release_key[1])
     assert dev.systemctl("start", "zmonitor.service").returncode == 0
@@ -154,5 +155,29 @@ def test_backup_filesystem_too_small(tmp_path: Path, mounts: list[Path], sample_
         assert proc.returncode == 4, proc.stderr
         assert not any(c.startswith("stop") for c in dev.calls()[1:]), dev.calls()
         assert "[disk-space]" in proc.stderr and str(bfs) in proc.stderr
+    finally:
+        dev.systemctl("stop", "zmonitor.service")
+
+
+def test_no_room_to_restore_is_refused_before_the_stop(tmp_path: Path, mounts: list[Path],
+                                                       sample_db_v10: Path,
+                                                       shipped_bundle: Path,
+                                                       release_key: tuple[Path, Path]) -> None:
+    """Room for the migrated copy but not for copying the backup back: a failure after
+    the swap could not be undone, so the run is refused while the app still runs."""
+    size = sample_db_v10.stat().st_size
+    fs = tmp_path / "datafs"
+    _mount(fs, (2 * size + size // 2 + 2 * 1024 * 1024) // 1024)
+    mounts.append(fs)
+    dev = _device_on(tmp_path / "dev", fs, sample_db_v10, release_key[1])
+    assert dev.systemctl("start", "zmonitor.service").returncode == 0
+    try:
+        upto = max_vitals_rowid(dev.db)
+        ref = table_rows(dev.db, vitals_up_to=upto)
+        proc = dev.cli("apply", str(shipped_bundle))
+        assert proc.returncode == 4, proc.stderr
+        assert "[disk-space]" in proc.stderr and "room to restore" in proc.stderr
+        assert "stop zmonitor.service" not in dev.calls()
+        _assert_intact(dev, ref, upto)
     finally:
         dev.systemctl("stop", "zmonitor.service")

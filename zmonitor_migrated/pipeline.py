@@ -277,11 +277,14 @@ class Run:
                 f"estimated downtime {estimate:.1f} s exceeds max_downtime_s="
                 f"{cfg.max_downtime_s:g}; schedule a window and rerun with --allow-long, or "
                 "raise max_downtime_s", kind="downtime-estimate")
-        need = grown + 1024 * 1024
+        # The migrated copy, and room to copy the backup back should the new version fail
+        # after the swap: a restore that cannot be written leaves the monitor stopped.
+        need = grown + size + 1024 * 1024
         free = fsutil.free_bytes(self.db.parent)
         if free < need:
             raise PrecheckFailed(f"not enough space next to {self.db}: need {need / 1e6:.1f} "
-                                 f"MB (migrated copy), {free / 1e6:.1f} MB free",
+                                 f"MB (migrated copy {grown / 1e6:.1f} MB + room to restore "
+                                 f"the backup {size / 1e6:.1f} MB), {free / 1e6:.1f} MB free",
                                  kind="disk-space")
         if not self._backup_linkable():
             # The backup is a copy on the backup dir's own filesystem, not next to the DB.

@@ -61,3 +61,17 @@ def test_gate_refuses_the_app_after_a_failed_restore(device) -> None:
     assert proc.returncode == 1
     assert "restore" in proc.stdout
     assert Path(cfg.journal_path).exists()
+
+
+def test_recover_removes_run_dirs_left_by_a_recovery_killed_after_closing(device) -> None:
+    cfg = config_mod.load(device.config_path)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    j = Journal.create(cfg.journal_path)
+    j.close("abandoned")
+    stale = cfg.state_dir / "runs" / j.run_id / "payload"
+    stale.mkdir(parents=True)
+    (stale / "bundle.zmb").write_bytes(b"x" * 100)
+    proc = device.cli("recover")
+    assert proc.returncode == 0, proc.stderr
+    assert not (cfg.state_dir / "runs" / j.run_id).exists()
+    assert device.app_active()

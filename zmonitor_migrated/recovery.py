@@ -129,6 +129,18 @@ def _finish_forward(config: Config, journal: Journal, services: ServiceManager,
     return "applied"
 
 
+def _remove_stale_run_dirs(config: Config, keep: str | None) -> None:
+    """Private bundle copies and payloads of runs that are over. Every caller holds the
+    run lock, so no other run is using one; a recovery killed after closing its journal
+    would otherwise leave its run's directory behind for good."""
+    runs = config.state_dir / "runs"
+    if not runs.is_dir():
+        return
+    for d in runs.iterdir():
+        if d.name != keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
             gate: bool = False) -> str | None:
     """Finish the run the journal describes, if it is open. Returns the outcome, or None
@@ -137,6 +149,8 @@ def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
               *([config.metrics_path.parent] if config.metrics_path else [])}:
         fsutil.remove_stale_temps(d)  # a killed writer's journal/status/metrics temp
     journal = Journal.load(config.journal_path)
+    _remove_stale_run_dirs(config, keep=None if journal is None or journal.closed
+                           else journal.run_id)
     if journal is None or journal.closed:
         return None
     if gate:

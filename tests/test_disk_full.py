@@ -101,7 +101,7 @@ def _assert_intact(dev: Device, ref: dict[str, list[tuple[object, ...]]], upto: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", ["backed_up", "applying"])
+@pytest.mark.parametrize("phase", ["app_stopped", "applying"])
 def test_database_filesystem_fills(tmp_path: Path, mounts: list[Path], big_db_v10: Path,
                                    slow_bundle: Path, release_key: tuple[Path, Path],
                                    phase: str) -> None:
@@ -117,8 +117,9 @@ def test_database_filesystem_fills(tmp_path: Path, mounts: list[Path], big_db_v1
         upto = max_vitals_rowid(dev.db)
         ref = table_rows(dev.db, vitals_up_to=upto)
         log: list[str] = []
-        # backed_up: the working copy cannot be written; applying: the copy grows.
-        leave = size // 2 if phase == "backed_up" else 32 * 1024
+        # app_stopped: the working copy (written in that phase, before the backup link)
+        # cannot be written; applying: the copy grows.
+        leave = size // 2 if phase == "app_stopped" else 32 * 1024
         t = threading.Thread(target=_filler, args=(dev.root / "state" / "journal.json", phase,
                                                     fs, leave, log), daemon=True)
         t.start()

@@ -3,7 +3,7 @@
 ::
 
     verify (private copy) → pre-checks + rehearsal on a snapshot        [app running]
-    → stop app → back up (hard link) → copy → migrate the copy → validate
+    → stop app → copy (hashed) → back up (hard link) → migrate the copy → validate
     → rename the copy over the live file → start app → health gate → commit
     any failure after the stop → restore → start app
 
@@ -406,16 +406,15 @@ class Run:
             self.services.stop(cfg.stop_timeout_s, tick=self.reporter.heartbeat)
             mode = self.quiesce()
             version = the_plan.current
-            bk = backups.take(self.db, cfg.backup_dir, version, None)
+            # One read of the live file: the working copy, hashed as it is written; the
+            # backup (a hard link to the same, now untouched, inode) reuses that sha256.
+            digest = fsutil.copy_durable(self.db, copy, sync=False)
+            bk = backups.take(self.db, cfg.backup_dir, version, digest)
             j.advance(Phase.BACKED_UP, backup=str(bk.path), backup_sha256=bk.sha256,
                       backup_linked=bk.linked, journal_mode=mode)
             result.backup = str(bk.path)
             self.record["backup"] = str(bk.path)
             self.emit("backed_up", f"backup {bk.path} ({'hard link' if bk.linked else 'copy'})")
-            digest = fsutil.copy_durable(self.db, copy, sync=False)
-            if digest != bk.sha256:
-                raise MigrateError("the working copy differs from the backup; the disk or "
-                                   "another writer changed the database", kind="copy-mismatch")
             j.advance(Phase.APPLYING, migration=the_plan.pending[0].version)
             if mode == "wal":
                 # The private copy needs no WAL while it is migrated: an in-memory

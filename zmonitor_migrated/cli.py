@@ -23,7 +23,7 @@ from typing import Any
 from . import __version__, cli_bundle, cli_schema
 from . import config as config_mod
 from .config import Config
-from .errors import MigrateError, UsageError
+from .errors import MigrateError
 from .progress import Reporter, default_sinks
 
 
@@ -277,12 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def entry() -> None:
-    sys.exit(main())
-
-
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["UsageError", "build_parser", "main"]
+__all__ = ["build_parser", "main"]

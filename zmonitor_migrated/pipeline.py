@@ -773,4 +773,4 @@ def _ensure_dirs(config: Config) -> None:
                                  "point the config elsewhere", kind="path")
 
 
-__all__ = ["RestoreFailed", "RunResult", "apply"]
+__all__ = ["RunResult", "apply", "drive"]

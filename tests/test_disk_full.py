@@ -74,12 +74,16 @@ def _filler(jpath: Path, phase: str, fs: Path, leave: int, log: list[str]) -> No
         except (FileNotFoundError, ValueError):
             pass
         time.sleep(0.001)
-    free = fsutil.free_bytes(fs)
-    with open(junk, "wb") as f:
-        try:
-            f.write(b"\0" * max(0, free - leave))
-        except OSError as exc:
-            log.append(f"filler: {exc}")
+    # The run keeps writing while this fills, so the free space measured here shrinks
+    # under us: write unbuffered in chunks until only ``leave`` is free or the
+    # filesystem refuses, either of which is "full" for the run.
+    with open(junk, "wb", buffering=0) as f:
+        while (free := fsutil.free_bytes(fs)) > leave:
+            try:
+                f.write(b"\0" * min(free - leave, 4 * 1024 * 1024))
+            except OSError as exc:
+                log.append(f"filler: {exc}")
+                break
     log.append(f"filled at {phase}: {fsutil.free_bytes(fs)} bytes left")
     while time.monotonic() < deadline:
         try:

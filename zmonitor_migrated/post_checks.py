@@ -157,23 +157,23 @@ def matches(expected: Scalar, actual: object) -> bool:
     return isinstance(actual, str) and actual == expected
 
 
-def run_checks(conn: sqlite3.Connection, checks: list[Check]) -> list[CheckFailure]:
-    """Run every check; returns the failures (empty when all passed)."""
-    failures: list[CheckFailure] = []
+def run_check(conn: sqlite3.Connection, check: Check) -> CheckFailure | None:
+    """Run one check under the read-only authorizer; its failure, or None if it passed."""
     conn.set_authorizer(_read_only)
     try:
-        for check in checks:
-            try:
-                row = conn.execute(check.sql).fetchone()
-            except (sqlite3.Error, sqlite3.Warning) as exc:
-                failures.append(CheckFailure(check.name, check.sql, check.expect,
-                                             error=str(exc)))
-                continue
-            actual = row[0] if row else None
-            if isinstance(actual, bytes):
-                actual = actual.hex()
-            if not matches(check.expect, actual):
-                failures.append(CheckFailure(check.name, check.sql, check.expect, actual))
+        row = conn.execute(check.sql).fetchone()
+    except (sqlite3.Error, sqlite3.Warning) as exc:
+        return CheckFailure(check.name, check.sql, check.expect, error=str(exc))
     finally:
         conn.set_authorizer(None)
-    return failures
+    actual = row[0] if row else None
+    if isinstance(actual, bytes):
+        actual = actual.hex()
+    if not matches(check.expect, actual):
+        return CheckFailure(check.name, check.sql, check.expect, actual)
+    return None
+
+
+def run_checks(conn: sqlite3.Connection, checks: list[Check]) -> list[CheckFailure]:
+    """Run every check; returns the failures (empty when all passed)."""
+    return [f for f in (run_check(conn, c) for c in checks) if f is not None]

@@ -14,9 +14,11 @@ the bundle's last version (a ``--target`` run stops short of it).
 
 ``validate`` returns every failed rule as a sentence; an empty list means valid.
 
-Rule 2 is the most expensive (it reads every page and, in full, every index entry), so
-when the database is a file it runs on its own read-only connection in a thread, in
-parallel with rules 3 to 6 (SQLite releases the GIL while a statement runs). Nothing
+The expensive rules read whole tables: rule 2 every page (and, in full, every index
+entry), and rule 5's checks may each scan a large table. When the database is a file,
+a helper thread on its own read-only connection runs rule 2 and then takes rule-5 checks
+from a shared queue, while the caller's thread runs rules 3 and 4 and then takes from the
+same queue (SQLite releases the GIL while a statement runs, so both cores work). Nothing
 writes the database while ``validate`` runs, so both connections see the same content;
 the result is the same list, in the same order, as checking one rule after another.
 ``checks/post.yaml`` and ``schema/database.yaml`` are parsed once per file version, so
@@ -32,14 +34,40 @@ from pathlib import Path
 from typing import Any
 
 from . import dbinfo
+from .post_checks import Check, CheckFailure, load_checks, run_check
+from .schema_spec import diff, live_schema, load_spec
 
 
-class _IntegrityCheck:
-    """Rule 2 in a thread on its own read-only connection (inline for a database that
-    is not a file)."""
+class _CheckQueue:
+    """Rule-5 checks handed out one at a time to whichever connection is free."""
 
-    def __init__(self, conn: sqlite3.Connection, quick: bool) -> None:
+    def __init__(self, checks: list[Check]) -> None:
+        self._next = iter(enumerate(checks))
+        self._lock = threading.Lock()
+        self._failures: dict[int, CheckFailure] = {}
+
+    def drain(self, conn: sqlite3.Connection) -> None:
+        while True:
+            with self._lock:
+                item = next(self._next, None)
+            if item is None:
+                return
+            index, check = item
+            failure = run_check(conn, check)
+            if failure is not None:
+                self._failures[index] = failure
+
+    def failures(self) -> list[str]:
+        return [str(self._failures[i]) for i in sorted(self._failures)]
+
+
+class _Helper:
+    """Rule 2, then a share of the rule-5 queue, in a thread on its own read-only
+    connection (rule 2 inline for a database that is not a file)."""
+
+    def __init__(self, conn: sqlite3.Connection, quick: bool, queue: _CheckQueue) -> None:
         self.quick = quick
+        self.queue = queue
         self.problems: list[str] = []
         self.error: BaseException | None = None
         row = conn.execute("PRAGMA database_list").fetchone()
@@ -47,7 +75,7 @@ class _IntegrityCheck:
         self.thread: threading.Thread | None = None
         if path:
             self.thread = threading.Thread(target=self._run, args=(Path(path),),
-                                           name="integrity-check", daemon=True)
+                                           name="validate-helper", daemon=True)
             self.thread.start()
         else:
             self.problems = dbinfo.integrity_problems(conn, quick=quick)
@@ -57,6 +85,7 @@ class _IntegrityCheck:
             conn = dbinfo.open_ro(path)
             try:
                 self.problems = dbinfo.integrity_problems(conn, quick=self.quick)
+                self.queue.drain(conn)
             finally:
                 conn.close()
         except BaseException as exc:  # handed to the caller's thread by result()
@@ -72,13 +101,7 @@ class _IntegrityCheck:
 
 @functools.lru_cache(maxsize=8)
 def _parsed(kind: str, path: str, _mtime_ns: int, _size: int) -> Any:
-    if kind == "checks":
-        from .post_checks import load_checks
-
-        return load_checks(Path(path))
-    from .schema_spec import load_spec
-
-    return load_spec(Path(path))
+    return load_checks(Path(path)) if kind == "checks" else load_spec(Path(path))
 
 
 def _load(kind: str, path: Path) -> Any:
@@ -93,20 +116,25 @@ def validate(conn: sqlite3.Connection, *, target: int, last_version: int,
     version = dbinfo.current_version(conn)
     if version != target:
         head.append(f"schema version is {version}, expected {target}")
-    integrity = _IntegrityCheck(conn, quick)
+    # Rules 5 and 6 describe the bundle's final state (module docstring).
+    final = target == last_version
+    checks_file = source_root / "checks" / "post.yaml"
+    queue = _CheckQueue(_load("checks", checks_file) if final and checks_file.is_file()
+                        else [])
+    helper = _Helper(conn, quick, queue)
     try:
-        rest = _other_rules(conn, target=target, last_version=last_version,
-                            counts_before=counts_before, declared_loss=declared_loss,
-                            source_root=source_root)
+        rest = _row_rules(conn, counts_before=counts_before, declared_loss=declared_loss)
+        queue.drain(conn)
+        schema = _schema_rule(conn, source_root) if final else []
     finally:
-        checked = integrity.result()
-    return head + [f"integrity: {p}" for p in checked] + rest
+        checked = helper.result()
+    return (head + [f"integrity: {p}" for p in checked] + rest + queue.failures()
+            + schema)
 
 
-def _other_rules(conn: sqlite3.Connection, *, target: int, last_version: int,
-                 counts_before: dict[str, int], declared_loss: set[str],
-                 source_root: Path) -> list[str]:
-    """Rules 3 to 6."""
+def _row_rules(conn: sqlite3.Connection, *, counts_before: dict[str, int],
+               declared_loss: set[str]) -> list[str]:
+    """Rules 3 and 4."""
     problems = [f"foreign key: {p}" for p in dbinfo.fk_problems(conn)]
     after = dbinfo.row_counts(conn)
     for table, before in sorted(counts_before.items()):
@@ -119,16 +147,12 @@ def _other_rules(conn: sqlite3.Connection, *, target: int, last_version: int,
         elif now < before:
             problems.append(f"table {table} lost rows: {before} before, {now} after; declare "
                             "the loss in bundle.yaml 'declared_row_loss' if that is intended")
-    if target != last_version:
-        return problems
-    checks_file = source_root / "checks" / "post.yaml"
-    if checks_file.is_file():
-        from .post_checks import run_checks
-
-        problems += [str(f) for f in run_checks(conn, _load("checks", checks_file))]
-    spec_file = source_root / "schema" / "database.yaml"
-    if spec_file.is_file():
-        from .schema_spec import diff, live_schema
-
-        problems += [f"schema: {d}" for d in diff(_load("spec", spec_file), live_schema(conn))]
     return problems
+
+
+def _schema_rule(conn: sqlite3.Connection, source_root: Path) -> list[str]:
+    """Rule 6."""
+    spec_file = source_root / "schema" / "database.yaml"
+    if not spec_file.is_file():
+        return []
+    return [f"schema: {d}" for d in diff(_load("spec", spec_file), live_schema(conn))]

@@ -20,7 +20,7 @@ import errno
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import fsutil
@@ -85,8 +85,13 @@ def read_checksum(backup: Path) -> str | None:
         return None
 
 
-def take(db: Path, backup_dir: Path, version: int, sha256: str | None) -> Backup:
-    """Back up ``db`` (which nobody writes to now) into ``backup_dir``."""
+def take(db: Path, backup_dir: Path, version: int, sha256: str | None, *,
+         defer_hash: bool = False) -> Backup:
+    """Back up ``db`` (which nobody writes to now) into ``backup_dir``.
+
+    With ``defer_hash`` a hard-linked backup is returned unhashed (``sha256`` empty) and
+    not yet durable: the caller hashes it off the critical path and must ``seal`` it
+    before anything depends on it. A copied backup is always hashed as it is written."""
     backup_dir.mkdir(parents=True, exist_ok=True)
     target = _unique(backup_dir / backup_name(db, version))
     try:
@@ -97,15 +102,22 @@ def take(db: Path, backup_dir: Path, version: int, sha256: str | None) -> Backup
             raise
         linked = False  # another filesystem or mount: a streamed, fsynced copy instead
     if linked:
+        if defer_hash and not sha256:
+            return Backup(target, "", version, linked)
         digest = sha256 or fsutil.sha256_file(target)
     else:
         digest = fsutil.copy_durable(db, target)
         if sha256 and digest != sha256:
             fsutil.remove(target)
             raise OSError(f"backup copy of {db} does not match the bytes read before")
-    write_checksum(target, digest)
-    fsutil.fsync_dir(backup_dir)
-    return Backup(target, digest, version, linked)
+    return seal(Backup(target, digest, version, linked), digest)
+
+
+def seal(bk: Backup, sha256: str) -> Backup:
+    """Record the backup's checksum; the directory fsync of that atomic write also makes
+    the backup's own directory entry durable."""
+    write_checksum(bk.path, sha256)
+    return replace(bk, sha256=sha256)
 
 
 def verify(backup: Path, expected: str | None = None) -> str:

@@ -406,11 +406,15 @@ class Run:
             self.services.stop(cfg.stop_timeout_s, tick=self.reporter.heartbeat)
             mode = self.quiesce()
             version = the_plan.current
-            # One read of the live file: the working copy, hashed as it is written; the
-            # backup (a hard link to the same, now untouched, inode) reuses that sha256.
-            digest = fsutil.copy_durable(self.db, copy, sync=False)
-            bk = backups.take(self.db, cfg.backup_dir, version, digest)
-            j.advance(Phase.BACKED_UP, backup=str(bk.path), backup_sha256=bk.sha256,
+            # The working copy is copied in the kernel; the backup is a hard link to the
+            # same, now untouched, inode, hashed on another core while the copy is
+            # migrated. Its checksum is durable before the swap, the first moment a
+            # restore could need it (before that the live file is the original, and
+            # recovery removes a link to it).
+            fsutil.copy_fast(self.db, copy)
+            bk = backups.take(self.db, cfg.backup_dir, version, None, defer_hash=True)
+            hasher = fsutil.BackgroundSha256(bk.path) if not bk.sha256 else None
+            j.advance(Phase.BACKED_UP, backup=str(bk.path), backup_sha256=bk.sha256 or None,
                       backup_linked=bk.linked, journal_mode=mode)
             result.backup = str(bk.path)
             self.record["backup"] = str(bk.path)
@@ -454,7 +458,9 @@ class Run:
             if any(p.exists() for p in fsutil.sidecars(copy)):
                 raise MigrateError(f"side files of {copy} survived closing it",
                                    kind="copy-sidecars")
-            j.advance(Phase.VALIDATED)
+            if hasher is not None:
+                bk = backups.seal(bk, hasher.result())
+            j.advance(Phase.VALIDATED, backup_sha256=bk.sha256)
             j.advance(Phase.SWAPPING)
             wal = self.db.with_name(self.db.name + "-wal")
             if wal.exists() and wal.stat().st_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import subprocess
@@ -73,3 +74,62 @@ def test_restore_refuses_a_corrupted_backup_and_overwrites_nothing(db: Path,
         backup.restore(bk.path, db)
     assert db.read_bytes() == live_before
     assert not db.with_name(db.name + ".restoring").exists()
+
+
+def test_deferred_hash_leaves_the_backup_unsealed_until_sealed(db: Path,
+                                                               tmp_path: Path) -> None:
+    bdir = tmp_path / "data" / "backups"
+    bk = backup.take(db, bdir, 10, None, defer_hash=True)
+    assert bk.linked and bk.sha256 == ""
+    assert backup.read_checksum(bk.path) is None
+    with pytest.raises(backup.RestoreFailed, match="no recorded checksum"):
+        backup.verify(bk.path)
+    sealed = backup.seal(bk, fsutil.InBackground(fsutil.sha256_file, bk.path).result())
+    assert sealed.sha256 == fsutil.sha256_file(db) == backup.read_checksum(bk.path)
+    assert backup.verify(bk.path) == sealed.sha256
+
+
+def test_in_background_hands_its_error_to_the_caller(tmp_path: Path) -> None:
+    job = fsutil.InBackground(fsutil.sha256_file, tmp_path / "missing.db")
+    with pytest.raises(FileNotFoundError):
+        job.result()
+
+
+def test_copy_fast_is_byte_identical_and_keeps_the_mode(db: Path, tmp_path: Path) -> None:
+    os.chmod(db, 0o640)
+    dst = tmp_path / "copy.db"
+    fsutil.copy_fast(db, dst)
+    assert dst.read_bytes() == db.read_bytes()
+    assert os.stat(dst).st_mode & 0o777 == 0o640
+    with pytest.raises(FileExistsError):
+        fsutil.copy_fast(db, dst)  # never overwrites
+
+
+@pytest.mark.parametrize("err", [errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_copy_fast_streams_where_the_kernel_refuses(db: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    err: int) -> None:
+    def refuse(*_a: object) -> int:
+        raise OSError(err, os.strerror(err))
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    dst = tmp_path / "copy.db"
+    fsutil.copy_fast(db, dst)
+    assert dst.read_bytes() == db.read_bytes()
+
+
+def test_copy_fast_removes_a_partial_copy_when_the_disk_is_full(
+        db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.copy_file_range
+    calls: list[int] = []
+
+    def fill_up(src: int, dst: int, count: int) -> int:
+        calls.append(count)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, 4096)
+    monkeypatch.setattr(os, "copy_file_range", fill_up)
+    dst = tmp_path / "copy.db"
+    with pytest.raises(OSError) as info:
+        fsutil.copy_fast(db, dst)
+    assert info.value.errno == errno.ENOSPC
+    assert not dst.exists()

@@ -6,8 +6,7 @@
   returns the sha256 of what was written, optionally fsyncs.
 - ``copy_fast``: an in-kernel ``copy_file_range(2)`` with no hash and no fsync, for the
   downtime's working copy (its durability is the caller's fsync before it goes live).
-- ``BackgroundSha256``: hashes a file that nobody writes in a thread, off the critical
-  path.
+- ``InBackground``: hashing or fsyncing a file in a thread, off the critical path.
 - ``sidecars``: the ``-wal``/``-shm``/``-journal`` files that belong to a database path.
 """
 
@@ -20,10 +19,13 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Generic, TypeVar, cast
 
 CHUNK = 1024 * 1024
 SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
+T = TypeVar("T")
 
 
 def fsync_dir(path: Path) -> None:
@@ -171,29 +173,29 @@ def copy_fast(src: Path, dst: Path) -> None:
     copy_owner(src, dst)
 
 
-class BackgroundSha256:
-    """The sha256 of a file nobody writes, computed in a daemon thread (hashlib releases
-    the GIL on large buffers, so it runs beside a SQLite statement on another core)."""
+class InBackground(Generic[T]):
+    """``fn(path)`` in a daemon thread; ``result()`` joins it and re-raises its error.
+    For file work beside a SQLite statement on another core: hashlib and fsync release
+    the GIL, as SQLite does while a statement runs."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._digest: str | None = None
+    def __init__(self, fn: Callable[[Path], T], path: Path) -> None:
+        self._fn, self.path = fn, path
+        self._value: T | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=fn.__name__, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            self._digest = sha256_file(self.path)
+            self._value = self._fn(self.path)
         except BaseException as exc:  # handed to the caller's thread by result()
             self._error = exc
 
-    def result(self) -> str:
+    def result(self) -> T:
         self._thread.join()
         if self._error is not None:
             raise self._error
-        assert self._digest is not None
-        return self._digest
+        return cast(T, self._value)
 
 
 def copy_owner(src: Path, dst: Path) -> None:

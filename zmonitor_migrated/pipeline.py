@@ -413,7 +413,7 @@ class Run:
             # recovery removes a link to it).
             fsutil.copy_fast(self.db, copy)
             bk = backups.take(self.db, cfg.backup_dir, version, None, defer_hash=True)
-            hasher = fsutil.BackgroundSha256(bk.path) if not bk.sha256 else None
+            hasher = fsutil.InBackground(fsutil.sha256_file, bk.path) if not bk.sha256 else None
             j.advance(Phase.BACKED_UP, backup=str(bk.path), backup_sha256=bk.sha256 or None,
                       backup_linked=bk.linked, journal_mode=mode)
             result.backup = str(bk.path)
@@ -440,8 +440,12 @@ class Run:
                         (verified.sequence, verified.name, verified.manifest_sha256,
                          self.now().strftime("%Y-%m-%dT%H:%M:%SZ"), j.run_id))
                 self.emit("validating", "post-migration validation of the migrated copy")
+                # Validation only reads: write the migrated pages back meanwhile, so the
+                # fsync before the swap has (almost) nothing left to wait for.
+                flushed = fsutil.InBackground(fsutil.fsync_file, copy)
                 problems = self._validate(eng.conn, the_plan, counts, verified,
                                           downtime=True)
+                flushed.result()
                 if problems:
                     self.reporter.alert("validation-failed", "; ".join(problems[:5]))
                     raise MigrateError("post-migration validation failed: "
@@ -757,8 +761,12 @@ def write_metrics(config: Config) -> None:
 
 
 def _set_journal_mode(path: Path, mode: str) -> None:
+    """Switch the private copy's journal mode. Without ``synchronous=OFF`` leaving WAL
+    fsyncs the whole freshly copied file (43 ms at 1M rows), which the swap's single
+    fsync does anyway."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
+        conn.execute("PRAGMA synchronous=OFF")
         got = str(conn.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]).lower()
     finally:
         conn.close()

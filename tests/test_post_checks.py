@@ -6,9 +6,19 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from zmonitor_migrated.errors import BundleRejected
-from zmonitor_migrated.post_checks import Check, load_checks, parse_checks, run_checks
+from zmonitor_migrated.post_checks import (
+    Check,
+    CheckFailure,
+    load_checks,
+    parse_checks,
+    plan_scans,
+    run_check,
+    run_checks,
+)
 
 POST = Path(__file__).resolve().parent.parent / "bundles" / "zmonitor" / "checks" / "post.yaml"
 
@@ -97,3 +107,55 @@ def test_load_checks_refuses_malformed_files(tmp_path: Path, text: str, needle: 
     assert info.value.kind == "malformed"
     assert str(path) in info.value.message
     assert needle in info.value.message
+
+
+# -- whole-table counts answered by one scan -------------------------------------------
+
+_CONDS = st.sampled_from([
+    "spo2 IS NULL", "spo2 < 92", "spo2 >= 92 AND patient_mrn IS NOT NULL",
+    "patient_mrn IS NULL OR spo2 IS NULL", "NOT (spo2 BETWEEN 90 AND 95)",
+    "spo2 = 97 -- a trailing comment", "length(patient_mrn) > 5",
+    "patient_mrn IN (SELECT patient_mrn FROM vitals WHERE spo2 < 90)",
+    "spo2 > (SELECT avg(spo2) FROM vitals)", "nonsense_column = 1", "spo2 = 'x'",
+])
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conds=st.lists(_CONDS, min_size=1, max_size=6),
+       rows=st.lists(st.tuples(st.one_of(st.none(), st.sampled_from(["M-1", "MRN-22"])),
+                               st.one_of(st.none(), st.integers(80, 100))), max_size=30))
+def test_merged_scans_give_what_each_check_gives_alone(
+        tmp_path: Path, conds: list[str], rows: list[tuple[str | None, int | None]]) -> None:
+    db = tmp_path / "merge.db"
+    db.unlink(missing_ok=True)
+    c = sqlite3.connect(db)
+    c.execute("CREATE TABLE vitals (id INTEGER PRIMARY KEY, patient_mrn TEXT, spo2 REAL)")
+    c.executemany("INSERT INTO vitals (patient_mrn, spo2) VALUES (?, ?)", rows)
+    checks = [Check(f"c{i}", f"SELECT COUNT(*) FROM vitals WHERE {cond}", i % 3)
+              for i, cond in enumerate(conds)]
+    alone = [f for f in (run_check(c, ch) for ch in checks) if f is not None]
+    assert run_checks(c, checks) == alone
+    c.close()
+
+
+def test_only_whole_table_counts_of_one_table_share_a_scan(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE INDEX idx_mrn ON vitals(patient_mrn)")
+    checks = [Check("a", "SELECT COUNT(*) FROM vitals WHERE spo2 < 90", 0),
+              Check("indexed", "SELECT COUNT(*) FROM vitals WHERE patient_mrn = 'MRN-1'", 1),
+              Check("b", "select count( * ) from \"vitals\" where spo2 > 99;", 0),
+              Check("other_table", "SELECT COUNT(*) FROM settings WHERE value IS NULL", 0),
+              Check("not_a_count", "SELECT MAX(spo2) FROM vitals WHERE spo2 < 99", 91)]
+    jobs = plan_scans(conn, checks)
+    assert [[ch.name for _i, ch in job] for job in jobs] == [
+        ["a", "b"], ["indexed"], ["other_table"], ["not_a_count"]]
+    assert run_checks(conn, checks) == [
+        CheckFailure("not_a_count", checks[4].sql, 91, 97.0)]
+
+
+def test_a_merged_scan_that_fails_reports_each_check_alone(conn: sqlite3.Connection) -> None:
+    checks = [Check("good", "SELECT COUNT(*) FROM vitals WHERE spo2 < 90", 0),
+              Check("typo", "SELECT COUNT(*) FROM vitals WHERE spo2 <> 'a' GROUP BY patient_mrn", 0)]
+    failures = run_checks(conn, checks)
+    assert [f.name for f in failures] == ["typo"]  # GROUP BY: one row per MRN
+    assert failures[0].actual == 1 and failures[0].error is None

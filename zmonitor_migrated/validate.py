@@ -34,28 +34,25 @@ from pathlib import Path
 from typing import Any
 
 from . import dbinfo
-from .post_checks import Check, CheckFailure, load_checks, run_check
+from .post_checks import CheckFailure, Job, load_checks, plan_scans, run_job
 from .schema_spec import diff, live_schema, load_spec
 
 
 class _CheckQueue:
-    """Rule-5 checks handed out one at a time to whichever connection is free."""
+    """Rule-5 jobs handed out one at a time to whichever connection is free."""
 
-    def __init__(self, checks: list[Check]) -> None:
-        self._next = iter(enumerate(checks))
+    def __init__(self, jobs: list[Job]) -> None:
+        self._next = iter(jobs)
         self._lock = threading.Lock()
         self._failures: dict[int, CheckFailure] = {}
 
     def drain(self, conn: sqlite3.Connection) -> None:
         while True:
             with self._lock:
-                item = next(self._next, None)
-            if item is None:
+                job = next(self._next, None)
+            if job is None:
                 return
-            index, check = item
-            failure = run_check(conn, check)
-            if failure is not None:
-                self._failures[index] = failure
+            self._failures.update(run_job(conn, job))
 
     def failures(self) -> list[str]:
         return [str(self._failures[i]) for i in sorted(self._failures)]
@@ -119,8 +116,8 @@ def validate(conn: sqlite3.Connection, *, target: int, last_version: int,
     # Rules 5 and 6 describe the bundle's final state (module docstring).
     final = target == last_version
     checks_file = source_root / "checks" / "post.yaml"
-    queue = _CheckQueue(_load("checks", checks_file) if final and checks_file.is_file()
-                        else [])
+    checks = _load("checks", checks_file) if final and checks_file.is_file() else []
+    queue = _CheckQueue(plan_scans(conn, checks))
     helper = _Helper(conn, quick, queue)
     try:
         rest = _row_rules(conn, counts_before=counts_before, declared_loss=declared_loss)

@@ -319,8 +319,9 @@ def compare(n: int, runs: int, work: Path, bundle_path: Path, trust: Path, integ
     for ph in ("app_stopped", "backed_up", "applying", "validated", "swapping", "swapped"):
         vals = [r.phases.get(ph, 0.0) for r in ours]
         out.append(f"  {ph:12s} {med(vals):8.3f}")
-    out.append("  (app_stopped = stop + quiesce + streamed copy with its sha256 + hard-link "
-               "backup; applying = batched apply + validation + fsync; swapping = rename + "
+    out.append("  (app_stopped = stop + quiesce + in-kernel copy + hard-link backup; "
+               "applying = batched apply (the backup hashed on the other core meanwhile) + "
+               "validation (the copy fsynced meanwhile) + final fsync; swapping = rename + "
                "dir fsync; swapped = app start)")
     out.append("```")
     for line in out:

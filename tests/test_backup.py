@@ -6,6 +6,7 @@ import errno
 import os
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,3 +134,53 @@ def test_copy_fast_removes_a_partial_copy_when_the_disk_is_full(
         fsutil.copy_fast(db, dst)
     assert info.value.errno == errno.ENOSPC
     assert not dst.exists()
+
+
+_WRITER = """
+import os, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("PRAGMA journal_mode=WAL")
+conn.execute("PRAGMA wal_autocheckpoint=0")
+for i in range(200):
+    conn.execute("INSERT INTO vitals (hr) VALUES (?)", (1000 + i,))
+os._exit(0)  # killed, in effect: no checkpoint, the rows live in the -wal only
+"""
+
+
+def test_restore_keeps_the_replaced_database_with_rows_still_in_its_wal(
+        db: Path, tmp_path: Path) -> None:
+    bdir = tmp_path / "backups"
+    bk = backup.take(db, bdir, 10, None)
+    os.unlink(db)  # the migrated database that went live: another inode
+    fsutil.copy_durable(bk.path, db)
+    subprocess.run([sys.executable, "-c", _WRITER, str(db)], check=True)
+    wal = db.with_name(db.name + "-wal")
+    assert wal.stat().st_size > 0
+
+    kept = backup.restore(bk.path, db)
+
+    assert kept is not None and kept.parent == bdir and kept.name.endswith("-replaced.db")
+    assert db.read_bytes() == bk.path.read_bytes() and not wal.exists()
+    conn = sqlite3.connect(kept)
+    assert conn.execute("SELECT COUNT(*), MAX(hr) FROM vitals").fetchone() == (700, 1199)
+    conn.close()
+    assert backup.list_backups(db, bdir) == [bk.path]  # never mistaken for a backup
+    # A restore re-run after a kill keeps the same inode once, not twice.
+    again = backup.keep_replaced(db, bdir)
+    assert again != kept and backup.keep_replaced(db, bdir) == again
+    assert backup.list_replaced(db, bdir) == [kept, again]
+
+
+def test_prune_keeps_the_newest_replaced_databases(db: Path, tmp_path: Path) -> None:
+    bdir = tmp_path / "backups"
+    bdir.mkdir()
+    kept = []
+    for i in range(4):
+        p = bdir / f"zmonitor-2026010{i + 1}T000000Z-replaced.db"
+        p.write_bytes(b"x")
+        os.utime(p, (1_700_000_000 - i, 1_700_000_000 - i))  # the name's stamp counts
+        kept.append(p)
+    (bdir / (kept[0].name + "-wal")).write_bytes(b"w")
+    backup.prune(db, bdir, 2, set())
+    assert backup.list_replaced(db, bdir) == kept[2:]
+    assert not (bdir / (kept[0].name + "-wal")).exists()

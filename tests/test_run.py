@@ -355,6 +355,19 @@ def test_health_gate_fails_restores(device: Device, shipped_bundle: Path) -> Non
     proc = device.cli("apply", str(shipped_bundle))
     assert "ALERT alert=restore-executed" in proc.stderr
     _assert_restored(device, proc, "unit")
+    # What the app recorded on the migrated database before it crashed is not thrown
+    # away with it: the replaced database is kept, its -wal included.
+    kept = Path(str(device.history()[-1]["replaced"]))
+    assert kept.parent == device.root / "backups" and str(kept) in proc.stderr
+    [bk] = backups(device)
+    conn = sqlite3.connect(kept)
+    try:
+        assert conn.execute("SELECT MAX(version) FROM schema_version").fetchone() == (14,)
+        written = conn.execute("SELECT COUNT(*) FROM vitals WHERE rowid > ?",
+                               (max_vitals_rowid(bk),)).fetchone()[0]
+    finally:
+        conn.close()
+    assert written > 0, "the app's rows on the migrated database were lost"
 
 
 def test_fail_start_restores(device: Device, shipped_bundle: Path) -> None:

@@ -11,11 +11,17 @@ Guarantees:
   path (a corrupted backup overwrites nothing), copies it next to the live file, removes
   the live file's ``-wal``/``-shm``/``-journal`` first (a stale side file of the other
   database must never be applied to the restored one), then renames and fsyncs the dir.
-- ``prune`` keeps the newest ``keep`` backups and never deletes a protected one.
+- ``restore`` never deletes the database it replaces: the live file (and its ``-wal`` or
+  ``-journal``, which may hold committed rows the app wrote after the migration) is kept
+  by hard links as ``<db-name>-<UTC stamp>-replaced.db`` next to the backup, so rows
+  written since the backup was taken can still be recovered by hand.
+- ``prune`` keeps the newest ``keep`` backups and never deletes a protected one, and the
+  newest ``keep`` replaced databases.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -138,8 +144,9 @@ def verify(backup: Path, expected: str | None = None) -> str:
     return actual
 
 
-def restore(backup: Path, db: Path, expected: str | None = None) -> None:
-    """Put ``backup`` in place of ``db`` atomically. Raises RestoreFailed."""
+def restore(backup: Path, db: Path, expected: str | None = None) -> Path | None:
+    """Put ``backup`` in place of ``db`` atomically. Returns where the replaced live
+    database was kept (None if there was none). Raises RestoreFailed."""
     digest = verify(backup, expected)
     tmp = db.with_name(db.name + ".restoring")
     try:
@@ -148,6 +155,7 @@ def restore(backup: Path, db: Path, expected: str | None = None) -> None:
         if copied != digest:
             raise RestoreFailed(f"copy of backup {backup} read back differently; the disk is "
                                 "failing? nothing was overwritten")
+        kept = keep_replaced(db, backup.parent) if db.exists() else None
         if db.exists():
             fsutil.copy_owner(db, tmp)
         fsutil.remove_sidecars(db)
@@ -157,6 +165,55 @@ def restore(backup: Path, db: Path, expected: str | None = None) -> None:
         fsutil.remove(tmp)
         raise RestoreFailed(f"restoring {backup} over {db} failed: {exc}; every file was "
                             "kept for the operator") from None
+    return kept
+
+
+def _replaced_pattern(db: Path) -> re.Pattern[str]:
+    return re.compile(rf"^{re.escape(db.stem)}-(\d{{8}}T\d{{6}}Z)(?:-(\d+))?-replaced\.db$")
+
+
+def list_replaced(db: Path, directory: Path) -> list[Path]:
+    """Oldest first, by the name's stamp: opening one (to read its rows) checkpoints its
+    WAL and changes its mtime."""
+    if not directory.is_dir():
+        return []
+    pat = _replaced_pattern(db)
+    found = [(m.group(1), int(m.group(2) or 0), p) for p in directory.iterdir()
+             if (m := pat.match(p.name))]
+    return [p for *_key, p in sorted(found)]
+
+
+def keep_replaced(db: Path, where: Path) -> Path:
+    """Hard-link the live database and its ``-wal``/``-journal`` as a replaced database in
+    ``where`` (next to ``db`` where the kernel refuses the link). Costs no copy; a second
+    call for the same inode (a restore re-run after a kill) returns the first one."""
+    live = os.stat(db)
+    for directory in (where, db.parent):
+        for old in list_replaced(db, directory):
+            st = os.stat(old)
+            if (st.st_ino, st.st_dev) == (live.st_ino, live.st_dev):
+                return old
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for directory in (where, db.parent):
+        target = directory / f"{db.stem}-{stamp}-replaced.db"
+        for i in range(1, 1000):
+            if not target.exists():
+                break
+            target = directory / f"{db.stem}-{stamp}-{i}-replaced.db"
+        try:
+            os.link(db, target)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK) or \
+                    directory == db.parent:
+                raise
+            continue
+        for suffix in ("-wal", "-journal"):
+            side = db.with_name(db.name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                os.link(side, target.with_name(target.name + suffix))
+        fsutil.fsync_dir(directory)
+        return target
+    raise AssertionError("unreachable: the database's own directory takes the link")
 
 
 def prune(db: Path, backup_dir: Path, keep: int, protect: set[Path]) -> list[Path]:
@@ -165,6 +222,11 @@ def prune(db: Path, backup_dir: Path, keep: int, protect: set[Path]) -> list[Pat
     for b in doomed:
         fsutil.remove(b)
         fsutil.remove(checksum_path(b))
-    if doomed:
+    replaced = list_replaced(db, backup_dir)
+    old = replaced[:-keep] if keep else []
+    for r in old:
+        fsutil.remove(r)
+        fsutil.remove_sidecars(r)
+    if doomed or old:
         fsutil.fsync_dir(backup_dir)
-    return doomed
+    return doomed + old

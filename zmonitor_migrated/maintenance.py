@@ -100,6 +100,7 @@ def restore(config: Config, *, backup: Path | None = None, run_id: str | None = 
                 "started_at": started, "finished_at": time.time(),
                 "duration_s": round(time.time() - started, 3),
                 "phase_times": journal.phase_times(), "downtime_s": None,
+                "replaced": journal.data.get("replaced"),
             })
         if journal.outcome == "restore-failed":
             raise RestoreFailed(f"restoring {path} failed; see the log")

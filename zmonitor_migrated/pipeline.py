@@ -516,6 +516,8 @@ class Run:
             self._journal_unwritable(exc)
         if self.t_stop is not None:
             self.record["downtime_s"] = round(time.monotonic() - self.t_stop, 3)
+        if self.journal.data.get("replaced"):
+            self.record["replaced"] = self.journal.data["replaced"]
         raise MigrationFailed(
             f"{err.message} — {'the backup was restored and ' if restored_backup else ''}"
             "the app runs on the old database", kind=err.kind, restored=True)

@@ -74,6 +74,7 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
     if journal.phase is Phase.FAILED:
         journal.advance(Phase.RESTORING)
     restored = False
+    replaced: str | None = None
     if journal.phase is Phase.RESTORING:
         swapped = _swapped(config, journal)
         if swapped:
@@ -86,17 +87,21 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
                                         "names no backup; nothing was overwritten")
                 reporter.emit("restoring", f"restoring {bk} over {config.database}")
                 reporter.extend(600)
-                backups.restore(Path(bk), config.database, journal.data.get("backup_sha256"))
+                kept = backups.restore(Path(bk), config.database,
+                                       journal.data.get("backup_sha256"))
             except (RestoreFailed, MigrateError, OSError) as exc:
                 message = exc.message if isinstance(exc, MigrateError) else str(exc)
                 reporter.alert("restore-failed", f"{message}; the app is left STOPPED; manual "
                                f"action needed: 'zmonitor-migrate restore BACKUP'")
                 journal.close("restore-failed", restore_error=message)
                 raise RestoreFailed(message) from None
-            reporter.alert("restore-executed", f"backup {bk} restored over {config.database}")
+            replaced = str(kept) if kept else None
+            reporter.alert("restore-executed", f"backup {bk} restored over {config.database}"
+                           + (f"; the database it replaced (with any rows written since the "
+                              f"backup) is kept as {kept}" if kept else ""))
             restored = True
         _discard_copy(config, journal)
-        journal.advance(Phase.RESTORED, restored_backup=restored)
+        journal.advance(Phase.RESTORED, restored_backup=restored, replaced=replaced)
     if journal.phase is Phase.RESTORED:
         if not gate:
             _start_app(services, reporter)

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Generic, TypeVar, cast
 
@@ -50,18 +50,27 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+@contextlib.contextmanager
+def _new_file(path: Path, mode: int, *, exclusive: bool = True) -> Iterator[int]:
+    """A file descriptor open for writing ``path``; the file is removed again if the
+    block fails, so no half-written file is ever left behind."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, mode)
     try:
-        _write_all(fd, data)
-        os.fsync(fd)
+        yield fd
     except BaseException:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+            path.unlink()
         raise
     os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with _new_file(tmp, mode, exclusive=False) as fd:
+        _write_all(fd, data)
+        os.fsync(fd)
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -112,20 +121,12 @@ def copy_durable(src: Path, dst: Path, *, sync: bool = True) -> str:
     Returns the sha256 of the bytes copied."""
     h = hashlib.sha256()
     st = os.stat(src)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, st.st_mode & 0o7777)
-    try:
-        with open(src, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                _write_all(fd, chunk)
+    with _new_file(dst, st.st_mode & 0o7777) as fd, open(src, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            _write_all(fd, chunk)
         if sync:
             os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            dst.unlink()
-        raise
-    os.close(fd)
     copy_owner(src, dst)
     return h.hexdigest()
 
@@ -141,35 +142,28 @@ def copy_fast(src: Path, dst: Path) -> None:
     ownership; not fsynced. About 3 times faster than read, hash and write (measured on
     a 128 MB database: 0.056 s against 0.160 s)."""
     st = os.stat(src)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, st.st_mode & 0o7777)
-    try:
-        with open(src, "rb") as f:
-            left = os.fstat(f.fileno()).st_size
-            kernel = hasattr(os, "copy_file_range")
-            while left > 0 and kernel:
-                try:
-                    n = os.copy_file_range(f.fileno(), fd, min(left, 1 << 30))
-                except OSError as exc:
-                    if exc.errno not in _NO_KERNEL_COPY or os.lseek(fd, 0, os.SEEK_CUR):
-                        raise
-                    kernel = False
-                    break
-                if n == 0:
-                    break
-                left -= n
-            if not kernel:
-                while chunk := f.read(CHUNK):
-                    _write_all(fd, chunk)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            dst.unlink()
-        raise
-    os.close(fd)
-    if os.stat(dst).st_size != st.st_size:
+    with _new_file(dst, st.st_mode & 0o7777) as fd, open(src, "rb") as f:
+        left = os.fstat(f.fileno()).st_size
+        kernel = hasattr(os, "copy_file_range")
+        while left > 0 and kernel:
+            try:
+                n = os.copy_file_range(f.fileno(), fd, min(left, 1 << 30))
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY or os.lseek(fd, 0, os.SEEK_CUR):
+                    raise
+                kernel = False
+                break
+            if n == 0:
+                break
+            left -= n
+        if not kernel:
+            while chunk := f.read(CHUNK):
+                _write_all(fd, chunk)
+    copied = os.stat(dst).st_size
+    if copied != st.st_size:
         dst.unlink()
-        raise OSError(f"copy of {src} is {os.stat(src).st_size} bytes long, expected "
-                      f"{st.st_size}: the file changed while it was copied")
+        raise OSError(f"copy of {src} is {copied} bytes long, expected {st.st_size}: the "
+                      "file changed while it was copied")
     copy_owner(src, dst)
 
 

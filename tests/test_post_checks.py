@@ -155,7 +155,8 @@ def test_only_whole_table_counts_of_one_table_share_a_scan(conn: sqlite3.Connect
 
 def test_a_merged_scan_that_fails_reports_each_check_alone(conn: sqlite3.Connection) -> None:
     checks = [Check("good", "SELECT COUNT(*) FROM vitals WHERE spo2 < 90", 0),
-              Check("typo", "SELECT COUNT(*) FROM vitals WHERE spo2 <> 'a' GROUP BY patient_mrn", 0)]
+              Check("grouped",
+                    "SELECT COUNT(*) FROM vitals WHERE spo2 <> 'a' GROUP BY patient_mrn", 0)]
     failures = run_checks(conn, checks)
-    assert [f.name for f in failures] == ["typo"]  # GROUP BY: one row per MRN
+    assert [f.name for f in failures] == ["grouped"]  # GROUP BY: one row per MRN
     assert failures[0].actual == 1 and failures[0].error is None

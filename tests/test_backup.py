@@ -147,28 +147,56 @@ os._exit(0)  # killed, in effect: no checkpoint, the rows live in the -wal only
 """
 
 
-def test_restore_keeps_the_replaced_database_with_rows_still_in_its_wal(
-        db: Path, tmp_path: Path) -> None:
-    bdir = tmp_path / "backups"
-    bk = backup.take(db, bdir, 10, None)
+def _live_with_rows_in_its_wal(db: Path, tmp_path: Path) -> backup.Backup:
+    bk = backup.take(db, tmp_path / "backups", 10, None)
     os.unlink(db)  # the migrated database that went live: another inode
     fsutil.copy_durable(bk.path, db)
     subprocess.run([sys.executable, "-c", _WRITER, str(db)], check=True)
-    wal = db.with_name(db.name + "-wal")
-    assert wal.stat().st_size > 0
+    assert db.with_name(db.name + "-wal").stat().st_size > 0
+    return bk
 
-    kept = backup.restore(bk.path, db)
 
-    assert kept is not None and kept.parent == bdir and kept.name.endswith("-replaced.db")
-    assert db.read_bytes() == bk.path.read_bytes() and not wal.exists()
-    conn = sqlite3.connect(kept)
-    assert conn.execute("SELECT COUNT(*), MAX(hr) FROM vitals").fetchone() == (700, 1199)
-    conn.close()
+def _rows(path: Path) -> tuple[int, int]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT COUNT(*), MAX(hr) FROM vitals").fetchone()
+    finally:
+        conn.close()
+
+
+def test_the_replaced_database_is_kept_with_rows_still_in_its_wal(db: Path,
+                                                                  tmp_path: Path) -> None:
+    bk = _live_with_rows_in_its_wal(db, tmp_path)
+    bdir = bk.path.parent
+
+    kept = backup.keep_replaced(db, bdir)
+    backup.restore(bk.path, db)
+
+    assert kept.parent == bdir and kept.name.endswith("-replaced.db")
+    assert db.read_bytes() == bk.path.read_bytes()
+    assert not db.with_name(db.name + "-wal").exists()
+    assert _rows(kept) == (700, 1199)
     assert backup.list_backups(db, bdir) == [bk.path]  # never mistaken for a backup
-    # A restore re-run after a kill keeps the same inode once, not twice.
+    # Keeping the same inode again (a restore re-run after a kill) keeps it once.
     again = backup.keep_replaced(db, bdir)
     assert again != kept and backup.keep_replaced(db, bdir) == again
     assert backup.list_replaced(db, bdir) == [kept, again]
+
+
+def test_a_keep_killed_between_its_links_is_completed_by_the_next(db: Path,
+                                                                  tmp_path: Path) -> None:
+    bk = _live_with_rows_in_its_wal(db, tmp_path)
+    half = bk.path.parent / "zmonitor-20260101T000000Z-replaced.db"
+    os.link(db, half)  # killed here: the -wal, holding the app's rows, not linked yet
+
+    assert backup.keep_replaced(db, bk.path.parent) == half
+    backup.restore(bk.path, db)
+    assert _rows(half) == (700, 1199)
+
+
+def test_keeping_falls_back_to_the_database_directory(db: Path, other_mount: Path) -> None:
+    kept = backup.keep_replaced(db, other_mount)  # link(2) across mounts: EXDEV
+    assert kept.parent == db.parent and os.stat(kept).st_ino == os.stat(db).st_ino
 
 
 def test_prune_keeps_the_newest_replaced_databases(db: Path, tmp_path: Path) -> None:

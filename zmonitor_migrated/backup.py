@@ -144,9 +144,9 @@ def verify(backup: Path, expected: str | None = None) -> str:
     return actual
 
 
-def restore(backup: Path, db: Path, expected: str | None = None) -> Path | None:
-    """Put ``backup`` in place of ``db`` atomically. Returns where the replaced live
-    database was kept (None if there was none). Raises RestoreFailed."""
+def restore(backup: Path, db: Path, expected: str | None = None) -> None:
+    """Put ``backup`` in place of ``db`` atomically. The caller keeps the database being
+    replaced first (``keep_replaced``). Raises RestoreFailed."""
     digest = verify(backup, expected)
     tmp = db.with_name(db.name + ".restoring")
     try:
@@ -155,7 +155,6 @@ def restore(backup: Path, db: Path, expected: str | None = None) -> Path | None:
         if copied != digest:
             raise RestoreFailed(f"copy of backup {backup} read back differently; the disk is "
                                 "failing? nothing was overwritten")
-        kept = keep_replaced(db, backup.parent) if db.exists() else None
         if db.exists():
             fsutil.copy_owner(db, tmp)
         fsutil.remove_sidecars(db)
@@ -165,7 +164,6 @@ def restore(backup: Path, db: Path, expected: str | None = None) -> Path | None:
         fsutil.remove(tmp)
         raise RestoreFailed(f"restoring {backup} over {db} failed: {exc}; every file was "
                             "kept for the operator") from None
-    return kept
 
 
 def _replaced_pattern(db: Path) -> re.Pattern[str]:
@@ -185,16 +183,20 @@ def list_replaced(db: Path, directory: Path) -> list[Path]:
 
 def keep_replaced(db: Path, where: Path) -> Path:
     """Hard-link the live database and its ``-wal``/``-journal`` as a replaced database in
-    ``where`` (next to ``db`` where the kernel refuses the link). Costs no copy; a second
-    call for the same inode (a restore re-run after a kill) returns the first one."""
+    ``where``, or next to ``db`` where that directory refuses the link. Costs no copy.
+    Idempotent: a call for an inode already kept (a restore re-run after a kill) returns
+    that file and links whatever side file the killed call had not linked yet. Raises
+    OSError when neither directory takes the link."""
     live = os.stat(db)
     for directory in (where, db.parent):
         for old in list_replaced(db, directory):
             st = os.stat(old)
             if (st.st_ino, st.st_dev) == (live.st_ino, live.st_dev):
+                _link_sides(db, old)
                 return old
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for directory in (where, db.parent):
+    error: OSError | None = None
+    for directory in dict.fromkeys((where, db.parent)):
         target = directory / f"{db.stem}-{stamp}-replaced.db"
         for i in range(1, 1000):
             if not target.exists():
@@ -202,18 +204,23 @@ def keep_replaced(db: Path, where: Path) -> Path:
             target = directory / f"{db.stem}-{stamp}-{i}-replaced.db"
         try:
             os.link(db, target)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK) or \
-                    directory == db.parent:
-                raise
+        except OSError as exc:  # another mount, no room for an entry, read-only …
+            error = error or exc
             continue
-        for suffix in ("-wal", "-journal"):
-            side = db.with_name(db.name + suffix)
-            with contextlib.suppress(FileNotFoundError):
-                os.link(side, target.with_name(target.name + suffix))
-        fsutil.fsync_dir(directory)
+        _link_sides(db, target)
         return target
-    raise AssertionError("unreachable: the database's own directory takes the link")
+    assert error is not None
+    raise error
+
+
+def _link_sides(db: Path, kept: Path) -> None:
+    for suffix in ("-wal", "-journal"):
+        side, link = db.with_name(db.name + suffix), kept.with_name(kept.name + suffix)
+        if link.exists():
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.link(side, link)
+    fsutil.fsync_dir(kept.parent)
 
 
 def prune(db: Path, backup_dir: Path, keep: int, protect: set[Path]) -> list[Path]:

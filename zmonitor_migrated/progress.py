@@ -12,7 +12,8 @@ watchdog catches it.
 
 Alerts (seed section 13) are log lines starting with ``ALERT`` and a stable
 ``alert=<name>`` field: ``migration-slow``, ``migration-failed``, ``validation-failed``,
-``restore-executed``, ``rollback-executed``, ``restore-failed``, ``precheck-failed``.
+``restore-executed``, ``rollback-executed``, ``restore-failed``, ``precheck-failed``,
+``replaced-not-kept`` (a restore could not keep the database it replaced).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ go on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -87,27 +88,49 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
                                         "names no backup; nothing was overwritten")
                 reporter.emit("restoring", f"restoring {bk} over {config.database}")
                 reporter.extend(600)
-                kept = backups.restore(Path(bk), config.database,
-                                       journal.data.get("backup_sha256"))
+                replaced = _keep_replaced(config, journal, reporter, Path(bk).parent)
+                backups.restore(Path(bk), config.database, journal.data.get("backup_sha256"))
             except (RestoreFailed, MigrateError, OSError) as exc:
                 message = exc.message if isinstance(exc, MigrateError) else str(exc)
                 reporter.alert("restore-failed", f"{message}; the app is left STOPPED; manual "
                                f"action needed: 'zmonitor-migrate restore BACKUP'")
                 journal.close("restore-failed", restore_error=message)
                 raise RestoreFailed(message) from None
-            replaced = str(kept) if kept else None
             reporter.alert("restore-executed", f"backup {bk} restored over {config.database}"
                            + (f"; the database it replaced (with any rows written since the "
-                              f"backup) is kept as {kept}" if kept else ""))
+                              f"backup) is kept as {replaced}" if replaced else ""))
             restored = True
         _discard_copy(config, journal)
-        journal.advance(Phase.RESTORED, restored_backup=restored, replaced=replaced)
+        journal.advance(Phase.RESTORED, restored_backup=restored)
     if journal.phase is Phase.RESTORED:
         if not gate:
             _start_app(services, reporter)
         journal.advance(Phase.APP_STARTED)
     journal.close("restored" if journal.data.get("restored_backup") else "recovered-old")
     return restored
+
+
+def _keep_replaced(config: Config, journal: Journal, reporter: Reporter,
+                   where: Path) -> str | None:
+    """Keep the live database before a restore replaces it, once per run: the journal
+    records the kept file before the rename, so a restore re-run after a kill past the
+    rename does not keep the restored copy in its place. Best effort: a monitor left
+    stopped is worse than losing the few rows written since the backup, so a failure to
+    keep it is an alert, not a failed restore."""
+    if journal.data.get("replaced"):
+        return str(journal.data["replaced"])
+    if not config.database.exists():
+        return None
+    try:
+        kept = str(backups.keep_replaced(config.database, where))
+    except OSError as exc:
+        reporter.alert("replaced-not-kept", f"could not keep {config.database} before "
+                       f"restoring over it ({exc.strerror or exc}); rows written since the "
+                       "backup are lost with it")
+        return None
+    with contextlib.suppress(OSError):  # unrecorded, a re-run keeps one file too many
+        journal.update(replaced=kept)
+    return kept
 
 
 def _start_app(services: ServiceManager, reporter: Reporter) -> None:
@@ -197,7 +220,7 @@ def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
         "from_version": journal.data.get("from_version"),
         "to_version": journal.data.get("to_version"), "backup": journal.data.get("backup"),
         "error": journal.data.get("error"), "restored": outcome == "restored",
-        "downtime_s": None,
+        "downtime_s": None, "replaced": journal.data.get("replaced"),
     })
     reporter.emit("recover", f"run {journal.run_id}: {outcome}")
     return outcome

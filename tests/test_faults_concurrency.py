@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Device
-from fault_helpers import TALLY, before, settle
+from conftest import ROOT, Device, make_device
+from fault_helpers import TALLY, before, journal_phase, run_cli, settle
 
 MENDER = ROOT / "packaging" / "mender" / "zmonitor-migration"
 
@@ -105,3 +105,41 @@ def test_daemon_cli_and_mender_at_once(device: Device, shipped_bundle: Path, tmp
     assert sorted(versions) == sorted(set(versions)) and max(versions) == 14
     assert bundles == 1
     assert settle(device, ref, f"concurrency seed {seed}") == "migrated"
+
+
+@pytest.mark.slow
+def test_live_file_written_while_the_app_is_stopped_is_not_swapped(
+        tmp_path: Path, big_db_v10: Path, slow_bundle: Path,
+        release_key: tuple[Path, Path]) -> None:
+    """Something other than the app writes the live file after the working copy was
+    taken (a rogue process, a tool that "touches" it): the copy, the backup and its
+    sha256 would no longer be the same bytes, so the run must not swap."""
+    dev = make_device(tmp_path / "dev", big_db_v10, release_key[1])
+    dev.set_config(batch_size=1)  # the bundle's 25-row batches: seconds of applying
+    assert dev.systemctl("start", "zmonitor.service").returncode == 0
+    ref = before(dev)
+    journal = dev.root / "state" / "journal.json"
+    wrote: list[str] = []
+
+    def rogue() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and journal_phase(journal) != "applying":
+            time.sleep(0.001)
+        with open(dev.db, "r+b") as f:  # the same bytes back: only the write shows
+            header = f.read(100)
+            f.seek(0)
+            f.write(header)
+        wrote.append(journal_phase(journal) or "?")
+
+    t = threading.Thread(target=rogue, daemon=True)
+    t.start()
+    proc = run_cli(dev, "apply", str(slow_bundle))
+    t.join(timeout=30)
+    TALLY.faults["live file written while the app was stopped"] += 1
+    TALLY.outcomes[f"cli exit {proc.returncode}"] += 1
+    assert wrote == ["applying"], wrote
+    assert proc.returncode == 5, proc.stderr
+    assert "[concurrent-writer]" in proc.stderr
+    assert settle(dev, ref, "live file written while stopped") == "old"
+    assert dev.history()[-1]["outcome"] == "restored"
+    dev.systemctl("stop", "zmonitor.service")

@@ -151,9 +151,11 @@ def copy_fast(src: Path, dst: Path) -> None:
             except OSError as exc:
                 if exc.errno not in _NO_KERNEL_COPY or os.lseek(fd, 0, os.SEEK_CUR):
                     raise
-                kernel = False
-                break
+                n = 0
             if n == 0:
+                # Some filesystems copy nothing rather than fail; a file that shrank
+                # under us is caught by the size check below.
+                kernel = os.lseek(fd, 0, os.SEEK_CUR) != 0
                 break
             left -= n
         if not kernel:

@@ -411,6 +411,7 @@ class Run:
             # migrated. Its checksum is durable before the swap, the first moment a
             # restore could need it (before that the live file is the original, and
             # recovery removes a link to it).
+            original = _content_stamp(self.db)
             fsutil.copy_fast(self.db, copy)
             bk = backups.take(self.db, cfg.backup_dir, version, None, defer_hash=True)
             hasher = fsutil.InBackground(fsutil.sha256_file, bk.path) if not bk.sha256 else None
@@ -464,6 +465,10 @@ class Run:
                                    kind="copy-sidecars")
             if hasher is not None:
                 bk = backups.seal(bk, hasher.result())
+            if _content_stamp(self.db) != original:
+                # The copy, the backup and its sha256 must all be the same bytes.
+                raise MigrateError(f"{self.db} was written while the app was stopped: "
+                                   "another writer is active", kind="concurrent-writer")
             j.advance(Phase.VALIDATED, backup_sha256=bk.sha256)
             j.advance(Phase.SWAPPING)
             wal = self.db.with_name(self.db.name + "-wal")
@@ -760,6 +765,12 @@ def write_metrics(config: Config) -> None:
     with contextlib.suppress(OSError):  # metrics are advisory; the history holds the truth
         history.write_metrics(config.metrics_path, history.render_metrics(
             history.read(config.history_path), current_version=version, db_size=size))
+
+
+def _content_stamp(path: Path) -> tuple[int, int]:
+    """What changes when a file's bytes do (not its ctime: the backup link changes that)."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _set_journal_mode(path: Path, mode: str) -> None:

@@ -144,10 +144,12 @@ def verify(backup: Path, expected: str | None = None) -> str:
     return actual
 
 
-def restore(backup: Path, db: Path, expected: str | None = None) -> None:
+def restore(backup: Path, db: Path, expected: str | None = None, *,
+            verified: str | None = None) -> None:
     """Put ``backup`` in place of ``db`` atomically. The caller keeps the database being
-    replaced first (``keep_replaced``). Raises RestoreFailed."""
-    digest = verify(backup, expected)
+    replaced first (``keep_replaced``), after ``verify`` (whose result it passes as
+    ``verified`` rather than hashing the backup twice). Raises RestoreFailed."""
+    digest = verified or verify(backup, expected)
     tmp = db.with_name(db.name + ".restoring")
     try:
         fsutil.remove(tmp)

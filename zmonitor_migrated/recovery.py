@@ -88,8 +88,10 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
                                         "names no backup; nothing was overwritten")
                 reporter.emit("restoring", f"restoring {bk} over {config.database}")
                 reporter.extend(600)
+                # A damaged backup is refused before anything, the kept file included.
+                digest = backups.verify(Path(bk), journal.data.get("backup_sha256"))
                 replaced = _keep_replaced(config, journal, reporter, Path(bk).parent)
-                backups.restore(Path(bk), config.database, journal.data.get("backup_sha256"))
+                backups.restore(Path(bk), config.database, verified=digest)
             except (RestoreFailed, MigrateError, OSError) as exc:
                 message = exc.message if isinstance(exc, MigrateError) else str(exc)
                 reporter.alert("restore-failed", f"{message}; the app is left STOPPED; manual "

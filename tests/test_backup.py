@@ -209,6 +209,8 @@ def test_prune_keeps_the_newest_replaced_databases(db: Path, tmp_path: Path) -> 
         os.utime(p, (1_700_000_000 - i, 1_700_000_000 - i))  # the name's stamp counts
         kept.append(p)
     (bdir / (kept[0].name + "-wal")).write_bytes(b"w")
+    beside = db.parent / "zmonitor-20260103T120000Z-replaced.db"  # EXDEV fallback
+    beside.write_bytes(b"x")
     backup.prune(db, bdir, 2, set())
-    assert backup.list_replaced(db, bdir) == kept[2:]
+    assert backup.list_replaced(db, bdir, db.parent) == [beside, kept[3]]
     assert not (bdir / (kept[0].name + "-wal")).exists()

@@ -172,14 +172,15 @@ def _replaced_pattern(db: Path) -> re.Pattern[str]:
     return re.compile(rf"^{re.escape(db.stem)}-(\d{{8}}T\d{{6}}Z)(?:-(\d+))?-replaced\.db$")
 
 
-def list_replaced(db: Path, directory: Path) -> list[Path]:
-    """Oldest first, by the name's stamp: opening one (to read its rows) checkpoints its
-    WAL and changes its mtime."""
-    if not directory.is_dir():
-        return []
+def list_replaced(db: Path, *directories: Path) -> list[Path]:
+    """Oldest first, by the name's stamp (opening one to read its rows checkpoints its WAL
+    and changes its mtime), over every directory given."""
     pat = _replaced_pattern(db)
-    found = [(m.group(1), int(m.group(2) or 0), p) for p in directory.iterdir()
-             if (m := pat.match(p.name))]
+    found = []
+    for directory in dict.fromkeys(directories):
+        if directory.is_dir():
+            found += [(m.group(1), int(m.group(2) or 0), p) for p in directory.iterdir()
+                      if (m := pat.match(p.name))]
     return [p for *_key, p in sorted(found)]
 
 
@@ -231,11 +232,12 @@ def prune(db: Path, backup_dir: Path, keep: int, protect: set[Path]) -> list[Pat
     for b in doomed:
         fsutil.remove(b)
         fsutil.remove(checksum_path(b))
-    replaced = list_replaced(db, backup_dir)
+    # Next to the database too: where the backup dir refused the link.
+    replaced = list_replaced(db, backup_dir, db.parent)
     old = replaced[:-keep] if keep else []
     for r in old:
         fsutil.remove(r)
         fsutil.remove_sidecars(r)
-    if doomed or old:
-        fsutil.fsync_dir(backup_dir)
+    for directory in {p.parent for p in doomed + old}:
+        fsutil.fsync_dir(directory)
     return doomed + old

@@ -209,6 +209,9 @@ def test_daemon_recovers_and_stops_safely(tmp_path: Path, big_db_v10: Path,
                                           slow_bundle: Path,
                                           release_key: tuple[Path, Path]) -> None:
     dev = make_device(tmp_path / "dev", big_db_v10, release_key[1])
+    # The bundle's 25-row batches on the private copy too: seconds of "applying" to aim
+    # kills and SIGTERMs at (50,000-row batches pass in a blink on a loaded machine).
+    dev.set_config(batch_size=1)
     assert dev.systemctl("start", "zmonitor.service").returncode == 0
     inbox = dev.root / "inbox"
     try:

@@ -55,7 +55,9 @@ def _device_on(root: Path, data_fs: Path, template: Path, pub: Path,
     shutil.move(str(dev.db), data_fs / "zmonitor.db")
     dev.db = data_fs / "zmonitor.db"
     dev.env["FAKE_SYSTEMCTL_DB"] = str(dev.db)
-    changes: dict[str, object] = {"database": str(dev.db)}
+    # batch_size 1: the bundle's 25-row batches, so "applying" lasts long enough to fill
+    # the disk in it.
+    changes: dict[str, object] = {"database": str(dev.db), "batch_size": 1}
     if backups_on_data_fs:
         changes["backup_dir"] = str(data_fs / "backups")
     dev.set_config(**changes)

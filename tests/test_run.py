@@ -527,6 +527,7 @@ def test_other_process_holds_database(device: Device, shipped_bundle: Path) -> N
 def test_sigterm_mid_batches(tmp_path: Path, big_db_v10: Path, slow_bundle: Path,
                              release_key: tuple[Path, Path]) -> None:
     dev = make_device(tmp_path / "dev", big_db_v10, release_key[1])
+    dev.set_config(batch_size=1)  # the bundle's 25-row batches: seconds between batches
     assert dev.systemctl("start", "zmonitor.service").returncode == 0
     try:
         upto = max_vitals_rowid(dev.db)

@@ -140,15 +140,26 @@ def test_backup_filesystem_fills_during_backup(tmp_path: Path, mounts: list[Path
 @pytest.mark.parametrize(("phase", "label"), [("backed_up", "journal write (apply start)"),
                                               ("applying", "journal write (validated)")])
 def test_state_filesystem_fills(tmp_path: Path, mounts: list[Path], sample_db_v10: Path,
-                                shipped_bundle: Path, release_key: tuple[Path, Path],
-                                phase: str, label: str) -> None:
+                                big_db_v10: Path, shipped_bundle: Path, slow_bundle: Path,
+                                release_key: tuple[Path, Path], phase: str,
+                                label: str) -> None:
     sfs = tmp_path / "statefs"
-    _mount(sfs, 24 * 1024, mounts)
-    dev = _device(tmp_path, sample_db_v10, release_key[1], state_dir=str(sfs))
+    if phase == "applying":
+        # The big database with the bundle's 25-row batches (batch_size 1): "applying"
+        # lasts seconds, so the filler cannot miss it on a loaded machine. Room for the
+        # rehearsal's snapshot.
+        _mount(sfs, 4 * big_db_v10.stat().st_size // 1024, mounts)
+        dev = _device(tmp_path, big_db_v10, release_key[1], state_dir=str(sfs),
+                      batch_size=1)
+        bundle = slow_bundle
+    else:
+        _mount(sfs, 24 * 1024, mounts)
+        dev = _device(tmp_path, sample_db_v10, release_key[1], state_dir=str(sfs))
+        bundle = shipped_bundle
     # the device helpers look for the state under root/state
     (dev.root / "state").symlink_to(sfs)
     try:
-        _run_filled(dev, shipped_bundle, sfs, phase, label)
+        _run_filled(dev, bundle, sfs, phase, label)
         rec = run_cli(dev, "recover")
         assert rec.returncode == 0, rec.stderr
         assert dev.app_active()

@@ -44,7 +44,7 @@ def other_mount(tmp_path: Path) -> Iterator[Path]:
 
 def test_same_mount_backup_is_a_hard_link(db: Path, tmp_path: Path) -> None:
     bdir = tmp_path / "data" / "backups"
-    bk = backup.take(db, bdir, 10, None)
+    bk = backup.take(db, bdir, 10)
     assert bk.linked and os.stat(bk.path).st_ino == os.stat(db).st_ino
     assert backup.read_checksum(bk.path) == fsutil.sha256_file(db)
     assert fsutil.can_hardlink(db.parent, bdir)
@@ -54,7 +54,7 @@ def test_other_mount_of_the_same_filesystem_gets_a_verified_copy(db: Path,
                                                                   other_mount: Path) -> None:
     assert os.stat(db).st_dev == os.stat(other_mount).st_dev  # st_dev cannot tell
     assert not fsutil.can_hardlink(db.parent, other_mount)
-    bk = backup.take(db, other_mount, 10, None)
+    bk = backup.take(db, other_mount, 10)
     assert not bk.linked
     assert os.stat(bk.path).st_ino != os.stat(db).st_ino
     assert bk.sha256 == fsutil.sha256_file(db) == backup.read_checksum(bk.path)
@@ -64,7 +64,7 @@ def test_other_mount_of_the_same_filesystem_gets_a_verified_copy(db: Path,
 
 def test_restore_refuses_a_corrupted_backup_and_overwrites_nothing(db: Path,
                                                                   tmp_path: Path) -> None:
-    bk = backup.take(db, tmp_path / "copies", 10, None)  # same mount: make it a copy
+    bk = backup.take(db, tmp_path / "copies", 10)  # same mount: make it a copy
     os.unlink(bk.path)
     fsutil.copy_durable(db, bk.path)
     with open(bk.path, "r+b") as f:
@@ -80,7 +80,7 @@ def test_restore_refuses_a_corrupted_backup_and_overwrites_nothing(db: Path,
 def test_deferred_hash_leaves_the_backup_unsealed_until_sealed(db: Path,
                                                                tmp_path: Path) -> None:
     bdir = tmp_path / "data" / "backups"
-    bk = backup.take(db, bdir, 10, None, defer_hash=True)
+    bk = backup.take(db, bdir, 10, defer_hash=True)
     assert bk.linked and bk.sha256 == ""
     assert backup.read_checksum(bk.path) is None
     with pytest.raises(backup.RestoreFailed, match="no recorded checksum"):
@@ -148,7 +148,7 @@ os._exit(0)  # killed, in effect: no checkpoint, the rows live in the -wal only
 
 
 def _live_with_rows_in_its_wal(db: Path, tmp_path: Path) -> backup.Backup:
-    bk = backup.take(db, tmp_path / "backups", 10, None)
+    bk = backup.take(db, tmp_path / "backups", 10)
     os.unlink(db)  # the migrated database that went live: another inode
     fsutil.copy_durable(bk.path, db)
     subprocess.run([sys.executable, "-c", _WRITER, str(db)], check=True)

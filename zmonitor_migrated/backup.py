@@ -91,8 +91,7 @@ def read_checksum(backup: Path) -> str | None:
         return None
 
 
-def take(db: Path, backup_dir: Path, version: int, sha256: str | None, *,
-         defer_hash: bool = False) -> Backup:
+def take(db: Path, backup_dir: Path, version: int, *, defer_hash: bool = False) -> Backup:
     """Back up ``db`` (which nobody writes to now) into ``backup_dir``.
 
     With ``defer_hash`` a hard-linked backup is returned unhashed (``sha256`` empty) and
@@ -107,15 +106,9 @@ def take(db: Path, backup_dir: Path, version: int, sha256: str | None, *,
         if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
             raise
         linked = False  # another filesystem or mount: a streamed, fsynced copy instead
-    if linked:
-        if defer_hash and not sha256:
-            return Backup(target, "", version, linked)
-        digest = sha256 or fsutil.sha256_file(target)
-    else:
-        digest = fsutil.copy_durable(db, target)
-        if sha256 and digest != sha256:
-            fsutil.remove(target)
-            raise OSError(f"backup copy of {db} does not match the bytes read before")
+    if linked and defer_hash:
+        return Backup(target, "", version, linked)
+    digest = fsutil.sha256_file(target) if linked else fsutil.copy_durable(db, target)
     return seal(Backup(target, digest, version, linked), digest)
 
 
@@ -191,12 +184,11 @@ def keep_replaced(db: Path, where: Path) -> Path:
     that file and links whatever side file the killed call had not linked yet. Raises
     OSError when neither directory takes the link."""
     live = os.stat(db)
-    for directory in (where, db.parent):
-        for old in list_replaced(db, directory):
-            st = os.stat(old)
-            if (st.st_ino, st.st_dev) == (live.st_ino, live.st_dev):
-                _link_sides(db, old)
-                return old
+    for old in list_replaced(db, where, db.parent):
+        st = os.stat(old)
+        if (st.st_ino, st.st_dev) == (live.st_ino, live.st_dev):
+            _link_sides(db, old)
+            return old
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     error: OSError | None = None
     for directory in dict.fromkeys((where, db.parent)):

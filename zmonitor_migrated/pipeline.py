@@ -413,7 +413,7 @@ class Run:
             # recovery removes a link to it).
             original = _content_stamp(self.db)
             fsutil.copy_fast(self.db, copy)
-            bk = backups.take(self.db, cfg.backup_dir, version, None, defer_hash=True)
+            bk = backups.take(self.db, cfg.backup_dir, version, defer_hash=True)
             hasher = fsutil.InBackground(fsutil.sha256_file, bk.path) if not bk.sha256 else None
             j.advance(Phase.BACKED_UP, backup=str(bk.path), backup_sha256=bk.sha256 or None,
                       backup_linked=bk.linked, journal_mode=mode)

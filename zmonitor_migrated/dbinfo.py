@@ -6,7 +6,6 @@ file read-only through a URI so even a bug here cannot write to the patient data
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -69,20 +68,6 @@ def current_version(conn: sqlite3.Connection) -> int:
 
 def journal_mode(conn: sqlite3.Connection) -> str:
     return str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
-
-
-def content_hash(path: Path) -> str:
-    """A hash of the logical content (schema and every row, in rowid order), independent
-    of page layout: equal hashes mean the same data, whatever the file bytes."""
-    h = hashlib.sha256()
-    conn = open_ro(path)
-    try:
-        for line in conn.iterdump():
-            h.update(line.encode("utf-8"))
-            h.update(b"\n")
-    finally:
-        conn.close()
-    return h.hexdigest()
 
 
 def file_size(path: Path) -> int:

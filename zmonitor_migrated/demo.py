@@ -111,7 +111,6 @@ def run_demo(workdir: Path | None = None, vitals: int = 300_000) -> int:
         _say("3. a tampered bundle (one byte of a migration changed)")
         tampered = work / "zmonitor-1-tampered.zmb"
         _flip_payload_byte(good, tampered)
-        before = dbinfo.content_hash(db) if not monitor.is_active() else None
         try:
             pipeline.apply(tampered, config, services=monitor, reporter=reporter)
             print("-> UNEXPECTED: the tampered bundle was accepted")
@@ -119,7 +118,6 @@ def run_demo(workdir: Path | None = None, vitals: int = 300_000) -> int:
         except MigrateError as exc:
             print(f"-> refused, exit {exc.exit_code} [{exc.kind}]: {exc.message}")
             print(f"   monitor still running: {monitor.is_active()}")
-        del before
 
         _say("4. a bundle that breaks the app: the health gate restores the backup")
         broken_src = work / "broken-src"

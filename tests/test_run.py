@@ -9,7 +9,9 @@ be identical.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import sqlite3
 import subprocess
@@ -29,9 +31,10 @@ from conftest import (
     table_rows,
 )
 
-from zmonitor_migrated import fsutil
+from zmonitor_migrated import fsutil, maintenance
 from zmonitor_migrated.config import load as load_config
 from zmonitor_migrated.lock import RunLock
+from zmonitor_migrated.progress import Reporter
 
 BACKUP_NAME = re.compile(r"^zmonitor-\d{8}T\d{6}Z-v(\d+)\.db$")
 
@@ -560,3 +563,32 @@ def test_sigterm_mid_batches(tmp_path: Path, big_db_v10: Path, slow_bundle: Path
         assert_old_content(dev, ref, upto)
     finally:
         dev.systemctl("stop", "zmonitor.service")
+
+
+def test_restore_goes_ahead_when_the_replaced_database_cannot_be_kept(
+        device: Device, shipped_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No directory takes the hard link (ENOSPC for a directory entry): the restore
+    still puts the backup back and starts the app, and says loudly what was not kept."""
+    assert device.cli("apply", str(shipped_bundle)).returncode == 0
+    [bk] = backups(device)
+    for key, value in device.env.items():
+        monkeypatch.setenv(key, value)  # the stand-in systemctl, run from this process
+    real_link = os.link
+
+    def no_room(src: object, dst: object, *a: object, **k: object) -> None:
+        if str(dst).endswith("-replaced.db"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_link(src, dst, *a, **k)  # type: ignore[arg-type]
+    monkeypatch.setattr(os, "link", no_room)
+    reporter = Reporter()
+
+    maintenance.restore(load_config(device.config_path), backup=bk, reporter=reporter)
+
+    alerts = {e.alert: e.message for e in reporter.events if e.alert}
+    assert "No space left" in alerts["replaced-not-kept"]
+    assert "kept as" not in alerts["restore-executed"]
+    assert version(device.db) == 10 and device.app_active()
+    stop_app(device)
+    assert table_rows(device.db, vitals_up_to=max_vitals_rowid(bk)) == table_rows(bk)
+    assert device.history()[-1]["replaced"] is None
+    assert not [p for p in (device.root / "backups").iterdir() if "replaced" in p.name]

@@ -53,7 +53,7 @@ import re
 import shutil
 import stat
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -66,6 +66,7 @@ from .verify import MAX_SIGNATURES_BYTES
 BLOCK = 512
 CHUNK = 1024 * 1024
 ZERO_BLOCK = bytes(BLOCK)
+Tick = Callable[[], None]  # called between bounded units of reading (a watchdog ping)
 MAX_TRAILER = 64 * 1024  # zero padding allowed after the end-of-archive marker
 MANIFEST_NAME = "manifest.json"
 SIGNATURES_NAME = "signatures.json"
@@ -117,12 +118,15 @@ def _unsafe(message: str) -> BundleRejected:
 class _Stream:
     """Exact-length reads from the (gunzipped) archive, counting every byte read."""
 
-    def __init__(self, f: BinaryIO, limit: int) -> None:
+    def __init__(self, f: BinaryIO, limit: int, tick: Tick | None = None) -> None:
         self._f = f
         self._limit = limit
+        self._tick = tick
         self.offset = 0
 
     def _raw(self, n: int) -> bytes:
+        if self._tick is not None:
+            self._tick()  # every read is bounded, so the caller hears from us between them
         try:
             return self._f.read(n)
         except (OSError, EOFError, zlib.error) as exc:
@@ -237,7 +241,7 @@ def _header(stream: _Stream) -> Member | None:
 
 
 @contextlib.contextmanager
-def _open(path: Path, caps: Caps) -> Iterator[_Stream]:
+def _open(path: Path, caps: Caps, tick: Tick | None = None) -> Iterator[_Stream]:
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below, also on error
     except OSError as exc:
@@ -254,10 +258,10 @@ def _open(path: Path, caps: Caps) -> Iterator[_Stream]:
         if f.read(2) == b"\x1f\x8b":
             f.seek(0)
             with gzip.GzipFile(fileobj=f, mode="rb") as gz:
-                yield _Stream(gz, caps.read_limit)  # type: ignore[arg-type]
+                yield _Stream(gz, caps.read_limit, tick)  # type: ignore[arg-type]
         else:
             f.seek(0)
-            yield _Stream(f, caps.read_limit)
+            yield _Stream(f, caps.read_limit, tick)
     finally:
         f.close()
 
@@ -281,15 +285,16 @@ def _padding(stream: _Stream, member: Member) -> None:
         raise _malformed(f"non-zero padding after member {member.name!r}")
 
 
-def open_bundle(path: Path, caps: Caps) -> tuple[bytes, bytes]:
+def open_bundle(path: Path, caps: Caps, tick: Tick | None = None) -> tuple[bytes, bytes]:
     """The exact bytes of ``manifest.json`` and ``signatures.json``, read within caps."""
-    with _open(Path(path), caps) as stream:
+    with _open(Path(path), caps, tick) as stream:
         manifest = _read_small(stream, MANIFEST_NAME, caps.max_manifest_bytes, "first")
         signatures = _read_small(stream, SIGNATURES_NAME, caps.max_signatures_bytes, "second")
     return manifest, signatures
 
 
-def extract_payload(path: Path, manifest: Manifest, dest_dir: Path | None, caps: Caps) -> None:
+def extract_payload(path: Path, manifest: Manifest, dest_dir: Path | None, caps: Caps,
+                    tick: Tick | None = None) -> None:
     """Stream every payload member, check it against the (verified) manifest and write
     it under ``dest_dir`` (which must be empty; None only checks). On any refusal
     everything written under ``dest_dir`` is removed again."""
@@ -305,7 +310,7 @@ def extract_payload(path: Path, manifest: Manifest, dest_dir: Path | None, caps:
         if any(dest_dir.iterdir()):
             raise MigrateError(f"extraction directory {dest_dir} is not empty")
     try:
-        with _open(Path(path), caps) as stream:
+        with _open(Path(path), caps, tick) as stream:
             first = _read_small(stream, MANIFEST_NAME, caps.max_manifest_bytes, "first")
             if first != manifest.to_json():
                 raise _malformed("manifest.json differs from the manifest that was verified "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,7 +22,10 @@ from test_run import tamper, version
 
 
 class Daemon:
-    def __init__(self, dev: Device, sock_dir: Path) -> None:
+    """``journal=True``: stderr is a file named by JOURNAL_STREAM (its st_dev:st_ino), as
+    systemd names its stream socket, so the daemon writes syslog prefixes."""
+
+    def __init__(self, dev: Device, sock_dir: Path, *, journal: bool = False) -> None:
         self.dev = dev
         self.path = sock_dir / "notify.sock"
         self.path.unlink(missing_ok=True)
@@ -33,9 +37,16 @@ class Daemon:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         env = {**dev.env, "NOTIFY_SOCKET": str(self.path)}
+        env.pop("JOURNAL_STREAM", None)
+        self.err_file = None
+        if journal:
+            self.err_file = open(sock_dir / "daemon.stderr", "w+")  # noqa: SIM115
+            st = os.fstat(self.err_file.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "zmonitor_migrated.cli", "--config", str(dev.config_path),
-             "daemon"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             "daemon"], env=env, text=True, stdout=subprocess.PIPE,
+            stderr=self.err_file or subprocess.PIPE)
 
     def _read(self) -> None:
         while not self._stop:
@@ -64,6 +75,10 @@ class Daemon:
     def terminate(self, timeout: float = 60) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
         _out, err = self.proc.communicate(timeout=timeout)
+        if self.err_file is not None:
+            self.err_file.seek(0)
+            err = self.err_file.read()
+            self.err_file.close()
         time.sleep(0.2)
         self._stop = True
         self._reader.join(timeout=2)
@@ -124,7 +139,7 @@ def _noop_migration(v: int) -> Callable[[Path], None]:
 def test_daemon_inbox(device: Device, shipped_bundle: Path, tmp_path: Path,
                       release_key: tuple[Path, Path]) -> None:
     inbox = device.root / "inbox"
-    d = Daemon(device, tmp_path)
+    d = Daemon(device, tmp_path, journal=True)
     try:
         d.ready()
         assert "READY=1" in d.messages
@@ -185,7 +200,10 @@ def test_daemon_inbox(device: Device, shipped_bundle: Path, tmp_path: Path,
         code, err = d.terminate()
         assert code == 0, err
         assert "STOPPING=1" in d.messages
-        assert err.count("<6>") > 5  # journald priority prefixes
+        assert err.count("<6>") > 5  # journald priority prefixes: stderr is the journal
+        # our own lines all carry one (the watchdog library may log its own at shutdown)
+        assert all(re.match(r"<[0-7]>", line) for line in err.splitlines()
+                   if ": " in line and not line.startswith("InotifyEmitter")), err
     finally:
         d.kill()
 
@@ -249,6 +267,8 @@ def test_daemon_recovers_and_stops_safely(tmp_path: Path, big_db_v10: Path,
         finally:
             d.kill()
         assert code == 0, err
+        # stderr is a pipe here, not the journal: plain lines, no syslog prefixes
+        assert err and not re.search(r"(?m)^<[0-7]>", err), err
         assert journal(dev)["outcome"] is not None
         assert not any(c.startswith("stop") for c in dev.calls()), \
             "SIGTERM before the stop must not cause downtime"

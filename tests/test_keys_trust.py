@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import socket
 import stat
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
-from bundle_helpers import make_key, run_cli, trust_dir
+from bundle_helpers import (
+    build_bundle,
+    make_db,
+    make_key,
+    make_source,
+    run_cli,
+    trust_dir,
+    write_config,
+)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -149,3 +163,150 @@ def test_trust_store_from_config(tmp_path: Path) -> None:
     other = trust_dir(tmp_path / "other", a)
     store = TrustStore.from_config(config, directory=other, threshold=1)
     assert set(store.keys) == {a.keyid}
+
+
+# -- what in the trust dir is trusted: regular, non-hidden *.pub files only ---------------
+
+def _load_in_thread(d: Path, **kw: object) -> tuple[TrustStore | Exception | None, list[str]]:
+    """TrustStore.load with a time limit: before the fix a FIFO blocked open() forever."""
+    warnings: list[str] = []
+    result: list[TrustStore | Exception] = []
+
+    def run() -> None:
+        try:
+            result.append(TrustStore.load(d, warn=warnings.append, **kw))  # type: ignore[arg-type]
+        except Exception as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=15)
+    if t.is_alive():
+        for fifo in d.glob("*.pub"):  # unblock the stuck open() so the thread can end
+            if stat.S_ISFIFO(fifo.lstat().st_mode):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        return None, warnings
+    return result[0], warnings
+
+
+def test_a_fifo_named_pub_does_not_hang_the_load(tmp_path: Path) -> None:
+    a = make_key(tmp_path / "a")
+    d = trust_dir(tmp_path / "trust", a)
+    os.mkfifo(d / "stuck.pub")
+    store, warnings = _load_in_thread(d)
+    assert isinstance(store, TrustStore), "TrustStore.load hung on a FIFO"
+    assert set(store.keys) == {a.keyid}
+    assert any("stuck.pub" in w and "not a regular file" in w for w in warnings)
+
+
+def test_hidden_pub_files_are_never_trusted(tmp_path: Path) -> None:
+    a, b = make_key(tmp_path / "a"), make_key(tmp_path / "b")
+    d = trust_dir(tmp_path / "trust", a)
+    shutil.copy(b.pub, d / ".old.pub")  # an operator "parked" key b
+    store, warnings = _load_in_thread(d)
+    assert isinstance(store, TrustStore)
+    assert set(store.keys) == {a.keyid} and store.usable_key(b.keyid) is None
+    assert any(".old.pub" in w and "hidden" in w for w in warnings)
+    store, _ = _load_in_thread(d, threshold=2)
+    assert isinstance(store, ConfigError) and "only 1 usable" in store.message
+
+
+@pytest.mark.parametrize("kind", ["to a key outside", "to a key inside", "dangling", "loop",
+                                  "to a fifo"])
+def test_symlinked_keys_are_not_followed(tmp_path: Path, kind: str) -> None:
+    a, b = make_key(tmp_path / "a"), make_key(tmp_path / "b")
+    d = trust_dir(tmp_path / "trust", a)
+    link = d / "linked.pub"
+    if kind == "to a key outside":
+        link.symlink_to(b.pub)
+    elif kind == "to a key inside":
+        shutil.copy(b.pub, d / "b.key-material")
+        link.symlink_to("b.key-material")
+    elif kind == "dangling":
+        link.symlink_to(tmp_path / "nowhere.pub")
+    elif kind == "loop":
+        link.symlink_to("linked.pub")
+    else:
+        os.mkfifo(tmp_path / "fifo")
+        link.symlink_to(tmp_path / "fifo")
+    store, warnings = _load_in_thread(d)
+    assert isinstance(store, TrustStore), store
+    assert set(store.keys) == {a.keyid}  # b is never trusted through a link
+    assert any("linked.pub" in w and "symlink" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("kind", ["directory", "socket"])
+def test_other_non_regular_entries_are_ignored(tmp_path: Path, kind: str) -> None:
+    a = make_key(tmp_path / "a")
+    d = trust_dir(tmp_path / "trust", a)
+    if kind == "directory":
+        (d / "dir.pub").mkdir()
+    else:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(d / "dir.pub"))
+    store, warnings = _load_in_thread(d)
+    assert isinstance(store, TrustStore) and set(store.keys) == {a.keyid}
+    assert any("dir.pub" in w and "not a regular file" in w for w in warnings)
+
+
+def test_an_oversized_key_file_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    a = make_key(tmp_path / "a")
+    d = trust_dir(tmp_path / "trust", a)
+    with open(d / "huge.pub", "wb") as f:
+        f.write(a.pub.read_bytes())
+        f.truncate(1 << 30)  # sparse: 1 GiB that costs nothing
+    store, _ = _load_in_thread(d)
+    assert isinstance(store, ConfigError) and "huge.pub" in store.message
+    assert "larger than" in store.message
+
+
+def test_a_key_file_name_with_controls_is_cleaned_in_messages(tmp_path: Path) -> None:
+    d = trust_dir(tmp_path / "trust", make_key(tmp_path / "a"))
+    (d / "bad\n<1>ALERT x.pub").write_text("not a key")
+    store, _ = _load_in_thread(d)
+    assert isinstance(store, ConfigError)
+    assert "\n" not in store.message and "bad\\n<1>ALERT x.pub" in store.message
+
+
+@pytest.mark.parametrize("suffix", ["\n", " ", "\t", "\r\n", "x"])
+def test_a_revoked_key_id_must_match_completely(tmp_path: Path, suffix: str) -> None:
+    """^…$ let "<id>\\n" through; the id then never matched and the key stayed trusted."""
+    a, b = make_key(tmp_path / "a"), make_key(tmp_path / "b")
+    d = trust_dir(tmp_path / "trust", a, b)
+    with pytest.raises(ConfigError, match="not a key id"):
+        TrustStore.load(d, revoked=[a.keyid + suffix])
+
+
+def test_verify_is_not_locked_out_by_stray_entries(tmp_path: Path) -> None:
+    """The real command: a FIFO, a symlink, a hidden key and a directory beside the real
+    key; the good bundle verifies (exit 0), each stray entry named on stderr."""
+    src = make_source(tmp_path / "src")
+    a, b = make_key(tmp_path / "keys" / "a"), make_key(tmp_path / "keys" / "b")
+    d = trust_dir(tmp_path / "trust", a)
+    os.mkfifo(d / "fifo.pub")
+    (d / "link.pub").symlink_to(b.pub)
+    shutil.copy(b.pub, d / ".parked.pub")
+    (d / "dir.pub").mkdir()
+    (tmp_path / "db").mkdir()
+    db = make_db(tmp_path / "db" / "monitor.db")
+    good = build_bundle(src, tmp_path / "good.zmb", [a], 1)
+    by_b = build_bundle(src, tmp_path / "by-b.zmb", [b], 1)
+    config = write_config(tmp_path / "config.yaml", database=db, trust_dir=d,
+                          device_type="zmonitor-bedside", state_dir=tmp_path / "state",
+                          inbox=tmp_path / "inbox", backup_dir=tmp_path / "backups")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env.pop("JOURNAL_STREAM", None)
+    cmd = [sys.executable, "-m", "zmonitor_migrated.cli", "--config", str(config), "bundle",
+           "verify"]
+    proc = subprocess.run([*cmd, str(good), "--json"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ok"] is True
+    for name in ("fifo.pub", "link.pub", ".parked.pub", "dir.pub"):
+        assert name in proc.stderr, proc.stderr
+    proc = subprocess.run([*cmd, str(by_b), "--json"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 3 and json.loads(proc.stdout)["error"]["kind"] == \
+        "untrusted-key", proc.stdout

@@ -25,6 +25,7 @@ from . import config as config_mod
 from .config import Config
 from .errors import MigrateError
 from .progress import Reporter, default_sinks
+from .text import clean
 
 
 def _common() -> argparse.ArgumentParser:
@@ -68,7 +69,7 @@ def _print(args: argparse.Namespace, obj: dict[str, Any], lines: list[str]) -> N
         print(json.dumps(obj, sort_keys=True, default=str))
     else:
         for line in lines:
-            print(line)
+            print(clean(line))  # names and messages from outside: one printable line each
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -112,18 +113,10 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_history(args: argparse.Namespace, config: Config) -> int:
-    from .history import read
+    from .history import read, render
 
     records = read(config.history_path)
-    lines = []
-    for r in records:
-        down = r.get("downtime_s")
-        lines.append(f"{r.get('run_id')}  {r.get('outcome'):15s} {r.get('bundle') or '-'}"
-                     f" seq {r.get('sequence') or '-'}  v{r.get('from_version')}→"
-                     f"v{r.get('to_version')}  downtime "
-                     f"{'-' if down is None else f'{down:.2f}s'}"
-                     + (f"  error: {r['error'].get('message')}" if r.get("error") else ""))
-    _print(args, {"ok": True, "runs": records}, lines or ["no runs yet"])
+    _print(args, {"ok": True, "runs": records}, render(records) or ["no runs yet"])
     return 0
 
 
@@ -263,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MigrateError as exc:
         if as_json:
             print(json.dumps({"ok": False, "error": exc.to_dict()}, sort_keys=True))
-        print(f"zmonitor-migrate: error [{exc.kind}]: {exc.message}", file=sys.stderr)
+        print(clean(f"zmonitor-migrate: error [{exc.kind}]: {exc.message}"), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("zmonitor-migrate: interrupted", file=sys.stderr)

@@ -4,6 +4,13 @@ The history is append-only: each finished run adds one record with its phase tim
 downtime, per-table row counts and DB size before and after, backup, outcome and error.
 Metrics are derived from the history every time (never counted separately), so they
 cannot drift from it; they are written atomically for node_exporter's textfile collector.
+
+A record carries text from outside (the bundle's file name, error messages with SQLite's
+text): every string in it is ``text.clean``ed before it is written, so a record is one
+line of valid UTF-8 JSON holding no control characters even once decoded, and a label
+value is escaped as the Prometheus text format requires. ``read`` takes whatever the
+file holds (a torn line, bytes that are not UTF-8, a line that is not an object) without
+failing; ``render`` prints each run as one cleaned line.
 """
 
 from __future__ import annotations
@@ -14,13 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import atomic_write
+from .text import clean, clean_tree, prom_label
+
+# An error message in a record is kept whole up to this; SQLite's own texts are short.
+MAX_FIELD_CHARS = 8000
 
 RESTORING_OUTCOMES = ("restored", "recovered-old", "rolled-back")
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
+    line = json.dumps(clean_tree(record, limit=MAX_FIELD_CHARS), sort_keys=True) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, line.encode())
@@ -31,24 +42,51 @@ def append(path: Path, record: dict[str, Any]) -> None:
 
 def read(path: Path) -> list[dict[str, Any]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         return []
     records = []
-    for line in text.splitlines():
+    # Only "\n" ends a record (json.dumps never writes one inside), not the other
+    # separators str.splitlines knows.
+    for line in data.decode("utf-8", "surrogateescape").split("\n"):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue  # a torn last line after a power cut: the run it described is re-recorded
+        if isinstance(record, dict):
+            records.append(clean_tree(record))
     return records
+
+
+def _num(value: Any) -> float:
+    """A record's number, 0 for anything else (a hand-edited or damaged record)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return 0.0
+    return float(value)
+
+
+def render(records: list[dict[str, Any]]) -> list[str]:
+    """``zmonitor-migrate history``: one line per run, each field cleaned."""
+    lines = []
+    for r in records:
+        down = r.get("downtime_s")
+        err = r.get("error")
+        message = err.get("message") if isinstance(err, dict) else err
+        lines.append(clean(
+            f"{clean(r.get('run_id'))}  {clean(r.get('outcome')):15s} "
+            f"{clean(r.get('bundle') or '-')} seq {clean(r.get('sequence') or '-')}  "
+            f"v{clean(r.get('from_version'))}→v{clean(r.get('to_version'))}  downtime "
+            f"{f'{_num(down):.2f}s' if isinstance(down, int | float) else '-'}"
+            + (f"  error: {clean(message)}" if err else "")))
+    return lines
 
 
 def render_metrics(records: list[dict[str, Any]], *, current_version: int | None,
                    db_size: int | None) -> str:
     by_outcome: dict[str, int] = {}
     for r in records:
-        by_outcome[r.get("outcome", "unknown")] = by_outcome.get(r.get("outcome", "unknown"),
-                                                                 0) + 1
+        outcome = prom_label(r.get("outcome", "unknown"))
+        by_outcome[outcome] = by_outcome.get(outcome, 0) + 1
     lines = [
         "# HELP zmonitor_migrate_runs_total Migration runs by outcome.",
         "# TYPE zmonitor_migrate_runs_total counter",
@@ -65,13 +103,13 @@ def render_metrics(records: list[dict[str, Any]], *, current_version: int | None
         lines += [
             "# HELP zmonitor_migrate_last_run_timestamp_seconds End of the last run.",
             "# TYPE zmonitor_migrate_last_run_timestamp_seconds gauge",
-            f"zmonitor_migrate_last_run_timestamp_seconds {last.get('finished_at', 0):.3f}",
+            f"zmonitor_migrate_last_run_timestamp_seconds {_num(last.get('finished_at')):.3f}",
             "# HELP zmonitor_migrate_last_run_duration_seconds Duration of the last run.",
             "# TYPE zmonitor_migrate_last_run_duration_seconds gauge",
-            f"zmonitor_migrate_last_run_duration_seconds {last.get('duration_s', 0):.3f}",
+            f"zmonitor_migrate_last_run_duration_seconds {_num(last.get('duration_s')):.3f}",
             "# HELP zmonitor_migrate_last_downtime_seconds App stopped to started, last run.",
             "# TYPE zmonitor_migrate_last_downtime_seconds gauge",
-            f"zmonitor_migrate_last_downtime_seconds {last.get('downtime_s') or 0:.3f}",
+            f"zmonitor_migrate_last_downtime_seconds {_num(last.get('downtime_s')):.3f}",
             "# HELP zmonitor_migrate_last_run_success 1 if the last run applied or was "
             "up to date.", "# TYPE zmonitor_migrate_last_run_success gauge",
             f"zmonitor_migrate_last_run_success "

@@ -1,25 +1,37 @@
 """Progress and alerts: the pipeline emits ``Event``s, sinks turn them into outputs.
 
-Sinks: ``LogSink`` (stderr lines with syslog ``<N>`` prefixes, so journald keeps the
-severity), ``StatusFileSink`` (``status.json`` in the runtime dir, for the fleet agent),
-``NotifySink`` (sd_notify ``STATUS=``, ``WATCHDOG=1``, ``EXTEND_TIMEOUT_USEC=``; a no-op
-without ``NOTIFY_SOCKET``), ``TtyBar`` (a progress bar when stderr is a terminal).
+Sinks: ``LogSink`` (one stderr line per event; with a syslog ``<N>`` prefix only when
+stderr is the journal, so journald keeps the severity), ``StatusFileSink``
+(``status.json`` in the runtime dir, for the fleet agent), ``NotifySink`` (sd_notify
+``STATUS=``, ``WATCHDOG=1``, ``EXTEND_TIMEOUT_USEC=``; a no-op without
+``NOTIFY_SOCKET``), ``TtyBar`` (a progress bar when stderr is a terminal).
+
+Every string an event carries may come from outside (an inbox file name, a manifest
+field, SQLite's error text), so each sink passes it through ``text.clean``: a log event
+is exactly one physical line, an sd_notify datagram holds only our own assignments,
+``STATUS=`` is one line, ``status.json`` holds the cleaned text.
 
 ``WATCHDOG=1`` is only ever sent from ``Reporter.emit``/``Reporter.heartbeat``, which the
 work itself calls (per batch, per migration, and from SQLite's progress handler while a
 statement runs). No thread pings on its own: a hung run stops pinging and systemd's
 watchdog catches it.
 
-Alerts (seed section 13) are log lines starting with ``ALERT`` and a stable
-``alert=<name>`` field: ``migration-slow``, ``migration-failed``, ``validation-failed``,
-``restore-executed``, ``rollback-executed``, ``restore-failed``, ``precheck-failed``,
-``replaced-not-kept`` (a restore could not keep the database it replaced).
+Alerts are log lines ``ALERT alert=<name> run=<id> msg="<text>"`` at priority 1: the
+name and run id are bare words, the message a double-quoted value with ``\\`` and ``"``
+escaped, so the line splits into exactly these three fields with POSIX shell (or
+logfmt) rules whatever the message holds. Names: ``migration-slow``,
+``migration-failed``, ``validation-failed``, ``restore-executed``, ``rollback-executed``,
+``restore-failed``, ``precheck-failed``, ``backup-damaged``, ``app-start-failed``,
+``history-unwritable``, ``replaced-not-kept`` (a restore could not keep the database it
+replaced).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,8 +39,13 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from .fsutil import atomic_write
+from .text import clean, clean_tree, quoted, token
 
 LEVELS = {"alert": 1, "error": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7}
+# A log line stays far below journald's LineMax (48 KiB, which splits a line into two
+# entries) even at 4 bytes a character; status texts stay short for `systemctl status`.
+MAX_LOG_CHARS = 4000
+MAX_STATUS_CHARS = 512
 
 
 @dataclass(frozen=True)
@@ -48,7 +65,7 @@ class Event:
 
     def status_line(self) -> str:
         """Short text for ``systemctl status``: "applying 0011 batch 37/120 31% ETA 1m12s"."""
-        parts = [self.phase]
+        parts = [clean(self.phase)]
         if self.version is not None:
             parts.append(f"{self.version:04d}")
         if self.batches:
@@ -58,8 +75,8 @@ class Event:
         if self.eta_s is not None and self.batches:
             parts.append(f"ETA {format_duration(self.eta_s)}")
         if not self.batches:
-            parts.append(self.message)
-        return " ".join(parts)
+            parts.append(clean(self.message))
+        return clean(" ".join(parts), limit=MAX_STATUS_CHARS)
 
 
 def format_duration(seconds: float) -> str:
@@ -75,12 +92,39 @@ class Sink(Protocol):
     def emit(self, event: Event) -> None: ...
 
 
-class LogSink:
-    """Journald-friendly lines; batch progress at most every 10 % or 5 s."""
+def stream_is_journal(stream: object) -> bool:
+    """True when ``stream`` is the journal's stream socket: ``$JOURNAL_STREAM`` is
+    "<st_dev>:<st_ino>" of the fd systemd connected, the check systemd's own tools make
+    (a terminal or a pipe, even under systemd-run --pipe, gets plain lines)."""
+    m = re.fullmatch(r"([0-9]{1,20}):([0-9]{1,20})", os.environ.get("JOURNAL_STREAM", ""))
+    if m is None:
+        return False
+    try:
+        st = os.fstat(stream.fileno())  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False  # io.UnsupportedOperation (a StringIO) is an OSError and ValueError
+    return (st.st_dev, st.st_ino) == (int(m.group(1)), int(m.group(2)))
 
-    def __init__(self, stream: TextIO | None = None, *, min_level: str = "info") -> None:
+
+def log_text(event: Event) -> str:
+    """The text of one log line for ``event``: one line whatever the event holds."""
+    if event.alert:
+        return (f"ALERT alert={token(event.alert)} run={token(event.run_id or '-')} "
+                f"msg={quoted(event.message, limit=MAX_LOG_CHARS)}")
+    if event.batches:
+        return f"{clean(event.phase)}: {event.status_line()} rows {event.rows}"
+    return clean(f"{clean(event.phase)}: {clean(event.message)}", limit=MAX_LOG_CHARS)
+
+
+class LogSink:
+    """One line per event; batch progress at most every 10 % or 5 s. The ``<N>`` prefix
+    is written when ``prefix`` is true, by default when the stream is the journal."""
+
+    def __init__(self, stream: TextIO | None = None, *, min_level: str = "info",
+                 prefix: bool | None = None) -> None:
         self.stream = stream or sys.stderr
         self.min = LEVELS[min_level]
+        self.prefix = stream_is_journal(self.stream) if prefix is None else prefix
         self._last = (0.0, -1)
 
     def emit(self, event: Event) -> None:
@@ -92,13 +136,10 @@ class LogSink:
             if step == self._last[1] and time.monotonic() - self._last[0] < 5:
                 return
             self._last = (time.monotonic(), step)
-        if event.alert:
-            text = f"ALERT alert={event.alert} run={event.run_id} {event.message}"
-        else:
-            text = f"{event.phase}: {event.message}"
-            if event.batches:
-                text = f"{event.phase}: {event.status_line()} rows {event.rows}"
-        print(f"<{prio}>{text}", file=self.stream, flush=True)
+        head = f"<{prio}>" if self.prefix else ""
+        # One write of one line: the prefix can only ever stand at its start.
+        self.stream.write(f"{head}{log_text(event)}\n")
+        self.stream.flush()
 
 
 class StatusFileSink:
@@ -116,14 +157,43 @@ class StatusFileSink:
         self.last = now
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            body = {**asdict(event), "status": event.status_line(), "pid": os.getpid()}
+            body = {**clean_tree(asdict(event), limit=MAX_LOG_CHARS),
+                    "status": event.status_line(), "pid": os.getpid()}
             atomic_write(self.path, json.dumps(body, sort_keys=True).encode())
         except OSError:
             return  # status is advisory; never fail a run because /run is full
 
 
+# The assignments we send, each with the values it may take. A datagram is refused whole
+# when a line is anything else, so no text can add WATCHDOG=trigger, WATCHDOG_USEC=…,
+# MAINPID=… or a second STATUS= to a message.
+_NOTIFY_VALUES = {
+    "READY": re.compile("1"), "STOPPING": re.compile("1"), "WATCHDOG": re.compile("1"),
+    "EXTEND_TIMEOUT_USEC": re.compile("[0-9]{1,15}"),
+    "STATUS": re.compile(f"[^\\x00-\\x1f\\x7f]{{0,{MAX_STATUS_CHARS + 40}}}"),
+}
+MAX_EXTEND_S = 86400.0
+
+
+def notify_datagram(message: str) -> bytes | None:
+    """The UTF-8 bytes of ``message`` if every line is one of our own assignments with a
+    value it may take (``STATUS=`` text must already be clean), else None."""
+    seen: set[str] = set()
+    for line in message.split("\n"):
+        key, sep, value = line.partition("=")
+        pattern = _NOTIFY_VALUES.get(key)
+        if not sep or pattern is None or key in seen or not pattern.fullmatch(value) \
+                or (key == "STATUS" and clean(value) != value):
+            return None
+        seen.add(key)
+    return message.encode("utf-8")
+
+
 class NotifySink:
-    """sd_notify through the ``sdnotify`` package; does nothing without NOTIFY_SOCKET."""
+    """sd_notify through the ``sdnotify`` package; does nothing without NOTIFY_SOCKET.
+
+    One datagram per message, built only by ``notify_datagram``: values from outside go
+    into ``STATUS=`` alone, cleaned to one line first."""
 
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
@@ -133,9 +203,18 @@ class NotifySink:
 
             self._notifier = sdnotify.SystemdNotifier()
 
-    def send(self, message: str) -> None:
+    def send(self, message: str) -> bool:
+        """Send ``message`` (``KEY=value`` lines) as one datagram; False, and nothing
+        sent, when it is not made only of our own assignments."""
+        data = notify_datagram(message)
+        if data is None:
+            return False
         if self._notifier is not None:
-            self._notifier.notify(message)
+            # sdnotify 0.3 encodes with latin-1 and silently drops anything else (a
+            # STATUS with a "→" would lose the WATCHDOG=1 beside it): hand it the UTF-8
+            # bytes as latin-1 code points, which it turns back into the same bytes.
+            self._notifier.notify(data.decode("latin-1"))
+        return True
 
     def emit(self, event: Event) -> None:
         self.send(f"STATUS={event.status_line()}\nWATCHDOG=1")
@@ -144,7 +223,9 @@ class NotifySink:
         self.send("WATCHDOG=1")
 
     def extend(self, seconds: float) -> None:
-        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+        bounded = min(max(seconds, 0.0), MAX_EXTEND_S) if math.isfinite(seconds) else MAX_EXTEND_S
+        usec = int(bounded * 1_000_000)
+        self.send(f"EXTEND_TIMEOUT_USEC={usec}")
 
 
 class TtyBar:

@@ -1,4 +1,7 @@
-"""``status``: what the device has, what is pending, how the last run went. Read-only."""
+"""``status``: what the device has, what is pending, how the last run went. Read-only.
+
+``render`` cleans every line (``text.clean``): migration descriptions, paths and error
+messages come from the database and the bundle source."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from .engine import read_applied
 from .errors import MigrateError, UsageError
 from .journal import Journal
 from .plan import plan
+from .text import clean
 
 
 def default_source() -> Path | None:
@@ -87,4 +91,5 @@ def render(info: dict[str, Any]) -> list[str]:
                      f"downtime {last.get('downtime_s')}")
     lines.append(f"backups: {len(info['backups'])}")
     lines += [f"  {b}" for b in info["backups"]]
-    return lines
+    # Descriptions, paths and messages come from the database and the bundle source.
+    return [clean(line) for line in lines]

@@ -59,7 +59,7 @@ def backup_name(db: Path, version: int, now: float | None = None) -> str:
 
 
 def _pattern(db: Path) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(db.stem)}-\d{{8}}T\d{{6}}Z(?:-\d+)?-v\d+\.db$")
+    return re.compile(rf"^{re.escape(db.stem)}-\d{{8}}T\d{{6}}Z(?:-\d+)?-v\d+\.db\Z")
 
 
 def list_backups(db: Path, backup_dir: Path) -> list[Path]:
@@ -162,7 +162,7 @@ def restore(backup: Path, db: Path, expected: str | None = None, *,
 
 
 def _replaced_pattern(db: Path) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(db.stem)}-(\d{{8}}T\d{{6}}Z)(?:-(\d+))?-replaced\.db$")
+    return re.compile(rf"^{re.escape(db.stem)}-(\d{{8}}T\d{{6}}Z)(?:-(\d+))?-replaced\.db\Z")
 
 
 def list_replaced(db: Path, *directories: Path) -> list[Path]:

@@ -80,7 +80,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
-_TEMP = re.compile(r"^\..+\.tmp-(\d+)$")
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)\Z")
 
 
 def remove_stale_temps(directory: Path) -> list[Path]:

@@ -45,11 +45,11 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 TOP_DIRS = ("migrations/", "schema/", "checks/")
 ROOT_FILES = ("bundle.yaml",)
 
-_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
-_WORD = re.compile(r"^[A-Za-z0-9._-]+$")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*\Z")
+_WORD = re.compile(r"^[A-Za-z0-9._-]+\Z")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _MAX_SIZE = 1 << 40
 
 _TOP_KEYS = {"format_version", "name", "app", "device_types", "description", "sequence",

@@ -74,7 +74,7 @@ from .errors import BundleRejected
 IGNORED_TABLES = ("schema_version",)
 IGNORED_PREFIXES = ("zmonitor_migrated_", "sqlite_")
 FK_ACTIONS = ("NO ACTION", "CASCADE", "SET NULL", "SET DEFAULT", "RESTRICT")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 # Words that cannot be used bare as a column or table name in generated DDL.
 _RESERVED = {
     "add", "all", "alter", "and", "as", "autoincrement", "between", "by", "case", "check",
@@ -434,7 +434,7 @@ def _cols(names: Iterable[str]) -> str:
 
 
 _LITERAL = re.compile(r"""^(?:'(?:[^']|'')*'|[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|"""
-                      r"""NULL|TRUE|FALSE|CURRENT_TIME|CURRENT_DATE|CURRENT_TIMESTAMP)$""",
+                      r"""NULL|TRUE|FALSE|CURRENT_TIME|CURRENT_DATE|CURRENT_TIMESTAMP)\Z""",
                       re.IGNORECASE)
 
 

@@ -32,10 +32,10 @@ from .errors import BundleRejected
 
 KINDS = ("schema", "data", "seed")
 NAME_RE = re.compile(
-    r"^(?P<version>\d{4,})_(?:(?P<kind>schema|data|seed)_)?(?P<slug>[a-z0-9_]+)\.sql$")
-ROLLBACK_RE = re.compile(r"^(?P<version>\d{4,})_rollback(?:_[a-z0-9_]+)?\.sql$")
+    r"^(?P<version>\d{4,})_(?:(?P<kind>schema|data|seed)_)?(?P<slug>[a-z0-9_]+)\.sql\Z")
+ROLLBACK_RE = re.compile(r"^(?P<version>\d{4,})_rollback(?:_[a-z0-9_]+)?\.sql\Z")
 _BATCH = re.compile(r"^--\s*zmonitor:batch\s+(?P<args>.*)$", re.MULTILINE)
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclass(frozen=True)

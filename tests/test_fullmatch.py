@@ -52,7 +52,7 @@ def test_no_dollar_anchor_left_in_validating_patterns() -> None:
     offenders = []
     for path in sorted(PACKAGE.glob("*.py")):
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            if "re.compile(" in line or line.lstrip().startswith(("r\"", "r'", "rf\"")):
-                if re.search(r"\$[\"']", line) and "MULTILINE" not in line:
-                    offenders.append(f"{path.name}:{n}: {line.strip()}")
+            pattern_line = "re.compile(" in line or line.lstrip().startswith(("r\"", "r'", "rf\""))
+            if pattern_line and re.search(r"\$[\"']", line) and "MULTILINE" not in line:
+                offenders.append(f"{path.name}:{n}: {line.strip()}")
     assert not offenders, "use \\Z, not $, to end a validating pattern:\n" + "\n".join(offenders)

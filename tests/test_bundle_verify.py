@@ -24,6 +24,8 @@ import pytest
 from bundle_helpers import (
     DEVICE,
     SQL_1,
+    SQL_2,
+    SQL_3,
     KeyPair,
     RawMember,
     build_bundle,
@@ -58,6 +60,9 @@ from zmonitor_migrated.verify import (
 REPO = Path(__file__).resolve().parents[1]
 SEQUENCE = 5
 SQL_PATH = "migrations/schema/0001_create_patients.sql"
+ALL_APPLIED = {1: hashlib.sha256(SQL_1.encode()).hexdigest(),
+               2: hashlib.sha256(SQL_2.encode()).hexdigest(),
+               3: hashlib.sha256(SQL_3.encode()).hexdigest()}
 
 
 def sha(data: bytes | str) -> str:
@@ -86,7 +91,9 @@ class Env:
         values = {"database": self.db, "device_type": DEVICE, "trust_dir": self.trust,
                   "signature_threshold": 1, "revoked_keys": [],
                   "state_dir": self.tmp / "state", "inbox": self.tmp / "inbox",
-                  "backup_dir": self.tmp / "backups"}
+                  "backup_dir": self.tmp / "backups",
+                  # the corpus's bundles are valid 2025-2125 (bundle_helpers T0..FAR)
+                  "max_validity_days": 40000}
         values.update(overrides)
         return write_config(self.tmp / "config.yaml", **values)
 
@@ -504,9 +511,13 @@ def test_valid_bundle_verifies_and_the_database_is_untouched(env: Env) -> None:
 
 def test_the_same_bundle_again_is_already_applied_exit_0(env: Env) -> None:
     manifest, _ = open_bundle(env.good, Caps())
-    _reset_db(env, applied={1: sha(SQL_1)}, bundles=[(SEQUENCE, sha(manifest))])
+    _reset_db(env, applied=ALL_APPLIED, bundles=[(SEQUENCE, sha(manifest))])
     code, obj = verify_cli(env.good, env.config())
     assert code == 0 and obj["decision"] == "already-applied"
+    # the same bundle with something still pending (a failed run, --target): a retry
+    _reset_db(env, applied={1: sha(SQL_1)}, bundles=[(SEQUENCE, sha(manifest))])
+    code, obj = verify_cli(env.good, env.config())
+    assert code == 0 and obj["decision"] == "apply"
 
 
 def test_gzip_compressed_bundle_verifies(env: Env) -> None:
@@ -527,11 +538,16 @@ def test_threshold_2_with_two_signatures_and_trust_override(env: Env) -> None:
     assert code == 0 and obj["signed_by"] == [env.b.keyid]
 
 
-def test_without_a_database_only_expiry_is_checked(env: Env) -> None:
+def test_without_a_database_the_device_policy_still_applies(env: Env) -> None:
+    """No database (a build machine): the device type and time are still checked, the
+    applied hashes cannot be; nothing is created."""
     config = env.config(database=env.tmp / "absent.db", device_type="other-device")
     code, obj = verify_cli(env.good, config)
-    assert code == 0 and obj["decision"] is None and obj["database"] is None
-    assert not (env.tmp / "absent.db").exists()
+    assert (code, obj["error"]["kind"]) == (3, "wrong-device")
+    code, obj = verify_cli(env.good, env.config(database=env.tmp / "absent.db"))
+    assert code == 0 and obj["decision"] == "apply" and obj["database"] is None
+    assert obj["anti_rollback"]["sequence"] == 0
+    assert not (env.tmp / "absent.db").exists() and not (env.tmp / "state").exists()
 
 
 def test_bad_trust_store_is_a_config_error(env: Env) -> None:
@@ -597,9 +613,9 @@ def test_expiry_honours_the_clock_slack(env: Env) -> None:
     m = Manifest.from_json(data)
 
     def at(now: datetime) -> Decision:
-        return check_policy(m, device_type=DEVICE, last_sequence=None,
-                            last_manifest_sha256=None, manifest_sha256=sha(data), applied={},
-                            now=now, clock_slack_s=300)
+        return check_policy(m, device_type=DEVICE, floor_sequence=0,
+                            floor_manifest_sha256=None, manifest_sha256=sha(data), applied={},
+                            now=now, clock_slack_s=300, max_validity_days=730)
 
     assert at(expires + timedelta(seconds=299)) == Decision.APPLY
     with pytest.raises(BundleRejected) as exc:
@@ -610,19 +626,20 @@ def test_expiry_honours_the_clock_slack(env: Env) -> None:
 def test_policy_order_and_decisions(env: Env) -> None:
     m, digest = _manifest(env)
     now = datetime(2030, 1, 1, tzinfo=UTC)
-    base = {"device_type": DEVICE, "last_sequence": SEQUENCE - 1, "last_manifest_sha256": "x",
-            "manifest_sha256": digest, "applied": {1: sha(SQL_1), 2: None}, "now": now,
-            "clock_slack_s": 0.0}
+    base = {"device_type": DEVICE, "floor_sequence": SEQUENCE - 1,
+            "floor_manifest_sha256": "x", "manifest_sha256": digest,
+            "applied": {1: sha(SQL_1), 2: None}, "now": now, "clock_slack_s": 0.0,
+            "max_validity_days": 40000}
     assert check_policy(m, **base) == Decision.APPLY  # a NULL file_hash is not compared
-    assert check_policy(m, **{**base, "last_sequence": SEQUENCE,
-                              "last_manifest_sha256": digest}) == Decision.ALREADY_APPLIED
+    done = {**base, "floor_sequence": SEQUENCE, "floor_manifest_sha256": digest,
+            "applied": ALL_APPLIED}
+    assert check_policy(m, **done) == Decision.ALREADY_APPLIED
     # already applied wins over expiry: the same bundle again is a no-op
-    assert check_policy(m, **{**base, "last_sequence": SEQUENCE, "last_manifest_sha256": digest,
-                              "now": datetime(2200, 1, 1, tzinfo=UTC)}) == \
+    assert check_policy(m, **{**done, "now": datetime(2200, 1, 1, tzinfo=UTC)}) == \
         Decision.ALREADY_APPLIED
     # a wrong device is reported before anything else
     with pytest.raises(BundleRejected) as exc:
-        check_policy(m, **{**base, "device_type": "x", "last_sequence": 99})
+        check_policy(m, **{**base, "device_type": "x", "floor_sequence": 99})
     assert exc.value.kind == "wrong-device"
     with pytest.raises(BundleRejected) as exc:
         check_policy(m, **{**base, "applied": {1: sha(SQL_1).upper()[:-1] + "0"}})

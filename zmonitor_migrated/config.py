@@ -42,6 +42,11 @@ class Config:
     integrity_check: str = "full"  # pre-checks and rehearsal: "full" or "quick"
     downtime_integrity_check: str = "quick"  # the migrated copy, while the app is down
     clock_slack_s: float = 300.0
+    # Longest validity (expires - created) a bundle may have: a signed bundle must not
+    # stay replayable for decades on a device that never saw a newer one.
+    max_validity_days: int = 730
+    # 'rollback --source' runs unsigned SQL: developer machines only, never packaged.
+    allow_unsigned_source: bool = False
     max_bundle_bytes: int = 512 * 1024 * 1024
     max_bundle_members: int = 10000
     metrics_path: Path | None = None
@@ -70,7 +75,7 @@ class Config:
 
 _PATHS = {"database", "state_dir", "runtime_dir", "inbox", "backup_dir", "trust_dir"}
 _INTS = {"backup_keep": 1, "signature_threshold": 1, "batch_size": 1, "max_bundle_bytes": 1,
-         "max_bundle_members": 1}
+         "max_bundle_members": 1, "max_validity_days": 1}
 _FLOATS = {"max_downtime_s": 0.001, "health_check_s": 0.0, "stop_timeout_s": 0.1,
            "clock_slack_s": 0.0}
 _STRS = {"device_type", "integrity_check", "downtime_integrity_check", "systemctl"}
@@ -122,6 +127,10 @@ def from_mapping(raw: dict[str, Any], source: Path | str = "<config>") -> Config
         elif key == "app_unit":
             if value is not None and (not isinstance(value, str) or not value):
                 raise _fail(key, "a unit name or null (no unit to control)", value, source)
+            values[key] = value
+        elif key == "allow_unsigned_source":
+            if not isinstance(value, bool):
+                raise _fail(key, "true or false", value, source)
             values[key] = value
         elif key == "revoked_keys":
             if value is None:

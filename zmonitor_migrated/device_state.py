@@ -54,6 +54,7 @@ import json
 import os
 import re
 import sqlite3
+import stat
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -208,13 +209,16 @@ def read_floor(state_dir: Path) -> Floor | None:
     (``anti-rollback-state``) when it exists but cannot be read or trusted."""
     path = floor_path(state_dir)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO in its place must not hang the run; it is refused below.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
-    except OSError as exc:
+    except OSError as exc:  # a symlink (ELOOP), no permission, an I/O error
         raise _corrupt(path, f"cannot be read ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise _corrupt(path, "is not a regular file")
             data = f.read(MAX_FLOOR_BYTES + 1)
     except OSError as exc:  # e.g. a directory in its place (EISDIR), an I/O error
         raise _corrupt(path, f"cannot be read ({exc.strerror or exc})") from None

@@ -44,7 +44,7 @@ from bundle_helpers import (
 
 from zmonitor_migrated.archive import Caps, extract_payload, open_bundle
 from zmonitor_migrated.bundle import verify_bundle
-from zmonitor_migrated.device_state import device_state
+from zmonitor_migrated.device_state import FLOOR_FILE, device_state
 from zmonitor_migrated.errors import BundleRejected, PrecheckFailed
 from zmonitor_migrated.keys import load_private_key
 from zmonitor_migrated.manifest import Manifest
@@ -459,6 +459,50 @@ def _(env: Env):
     return env.good, {}
 
 
+@case("created after the device time beyond the clock slack", "not-yet-valid")
+def _(env: Env):
+    created = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    return build_bundle(env.src, env.tmp / "future.zmb", [env.a], SEQUENCE, created=created,
+                        expires=created + timedelta(days=30)), {}
+
+
+@case("valid for longer than max_validity_days", "validity-too-long")
+def _(env: Env):
+    return env.good, {"max_validity_days": 730}  # the corpus bundles are valid 100 years
+
+
+@case("checks/post.yaml that does not parse", "malformed")
+def _(env: Env):
+    (env.src / "checks" / "post.yaml").write_text("checks: []\n")
+    return build_bundle(env.src, env.tmp / "post.zmb", [env.a], SEQUENCE), {}
+
+
+@case("schema/database.yaml that does not parse", "malformed")
+def _(env: Env):
+    (env.src / "schema" / "database.yaml").write_text("tables: {}\n")
+    return build_bundle(env.src, env.tmp / "spec.zmb", [env.a], SEQUENCE), {}
+
+
+@case("sequence below the state file's floor", "rollback")
+def _(env: Env):
+    _write_floor(env, SEQUENCE + 1)  # the database's own record (SEQUENCE - 1) is lower
+    return env.good, {}
+
+
+@case("state file that is not JSON", "anti-rollback-state")
+def _(env: Env):
+    (env.tmp / "state").mkdir(exist_ok=True)
+    (env.tmp / "state" / FLOOR_FILE).write_text("{not json")
+    return env.good, {}
+
+
+def _write_floor(env: Env, sequence: int) -> None:
+    (env.tmp / "state").mkdir(exist_ok=True)
+    (env.tmp / "state" / FLOOR_FILE).write_text(json.dumps({
+        "format": 1, "sequence": sequence, "manifest_sha256": "e" * 64, "name": "test",
+        "recorded_at": "2026-01-01T00:00:00Z", "origin": "bundle", "rolled_back_to": None}))
+
+
 def _reset_db(env: Env, **kwargs: object) -> None:
     for p in env.db.parent.iterdir():
         p.unlink()
@@ -484,7 +528,8 @@ def test_the_corpus_covers_every_bundle_kind() -> None:
     assert kinds == {"bad-signature", "untrusted-key", "threshold-not-met", "revoked-key",
                      "hash-mismatch", "unlisted-member", "missing-member", "unsafe-member",
                      "too-large", "malformed", "rollback", "expired", "wrong-device",
-                     "applied-migration-changed"}
+                     "applied-migration-changed", "not-yet-valid", "validity-too-long",
+                     "anti-rollback-state"}
     assert len(CORPUS) >= 40
 
 
@@ -518,6 +563,16 @@ def test_the_same_bundle_again_is_already_applied_exit_0(env: Env) -> None:
     _reset_db(env, applied={1: sha(SQL_1)}, bundles=[(SEQUENCE, sha(manifest))])
     code, obj = verify_cli(env.good, env.config())
     assert code == 0 and obj["decision"] == "apply"
+
+
+def test_the_state_file_not_the_database_is_the_floor(env: Env) -> None:
+    """The database says sequence SEQUENCE + 3; the state file says SEQUENCE - 1: the
+    bundle passes, and the floor shown is the state file's."""
+    _reset_db(env, applied={1: sha(SQL_1)}, bundles=[(SEQUENCE + 3, "e" * 64)])
+    _write_floor(env, SEQUENCE - 1)
+    code, obj = verify_cli(env.good, env.config())
+    assert code == 0 and obj["decision"] == "apply", obj
+    assert obj["anti_rollback"]["sequence"] == SEQUENCE - 1 and obj["anti_rollback"]["stored"]
 
 
 def test_gzip_compressed_bundle_verifies(env: Env) -> None:

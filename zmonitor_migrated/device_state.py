@@ -138,7 +138,8 @@ class Floor:
     def describe(self) -> str:
         if self.sequence == 0:
             return "no bundle accepted yet"
-        text = f"sequence {self.sequence} ({self.name or 'unnamed'}, manifest " \
+        name = f"{self.name}, " if self.name else ""
+        text = f"sequence {self.sequence} ({name}manifest " \
                f"{(self.manifest_sha256 or 'unknown')[:12]}…)"
         if self.rolled_back_to is not None:
             text += f", rolled back to version {self.rolled_back_to}"
@@ -158,7 +159,8 @@ def _corrupt(path: Path, problem: str) -> BundleRejected:
         f"the anti-rollback state {path} {problem}; every bundle is refused until it is "
         "fixed, because the highest accepted sequence is unknown. Fix: put back the file "
         "from a backup of the state dir, or write it by hand with the highest sequence "
-        "this device accepted ('zmonitor-migrate history' lists them) as "
+        "this device accepted ('zmonitor-migrate history' lists them; 'zmonitor-migrate "
+        "bundle verify BUNDLE' prints that bundle's manifest sha256) as "
         '{"format": 1, "sequence": N, "manifest_sha256": "<sha256 of that bundle\'s '
         'manifest.json>", "name": null, "recorded_at": "<time>", "origin": "bundle", '
         '"rolled_back_to": null}; deleting it re-seeds the floor from the database\'s own '

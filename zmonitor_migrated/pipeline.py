@@ -12,6 +12,9 @@ Guarantees:
 - Everything that can fail without the app stopped (signature, policy, integrity,
   foreign keys, free space, a full rehearsal of the bundle on an online snapshot, the
   downtime estimate) fails *before* the stop: exit 3 or 4, app untouched.
+- The bundle is admitted by ``admission.admit`` (the same verdict as ``bundle verify``
+  and ``rollback --bundle``); the anti-rollback floor in the state dir is raised as soon
+  as it is accepted, before the rehearsal (a dry run records nothing).
 - The live file is never written by a migration. The copy is migrated and validated,
   then ``rename(2)``-ed over the live path, so a crash at any instant leaves either the
   old database (every row intact) or the migrated, validated one. Until the rename,

@@ -34,6 +34,14 @@ SQL_2 = "ALTER TABLE patients ADD COLUMN mrn TEXT;\n"
 SQL_3 = ("-- zmonitor:batch table=patients size=100\n"
          "UPDATE patients SET mrn = 'MRN' || id\n"
          " WHERE rowid BETWEEN :batch_start AND :batch_end AND mrn IS NULL;\n")
+SPEC = """version: 3
+tables:
+  patients:
+    columns:
+      - {name: id, type: INTEGER, primary_key: true}
+      - {name: name, type: TEXT, nullable: false}
+      - {name: mrn, type: TEXT}
+"""
 DEFAULT_FILES: dict[str, str] = {
     "migrations/schema/0001_create_patients.sql": SQL_1,
     "migrations/schema/0002_add_mrn.sql": SQL_2,
@@ -41,8 +49,8 @@ DEFAULT_FILES: dict[str, str] = {
     "migrations/rollback/0001_rollback.sql": "DROP TABLE patients;\n",
     "migrations/rollback/0002_rollback.sql": "ALTER TABLE patients DROP COLUMN mrn;\n",
     "migrations/rollback/0003_rollback.sql": "UPDATE patients SET mrn = NULL;\n",
-    "schema/database.yaml": "tables: {}\n",
-    "checks/post.yaml": "checks: []\n",
+    "schema/database.yaml": SPEC,
+    "checks/post.yaml": "[]\n",
 }
 
 

@@ -23,7 +23,10 @@ from zmonitor_migrated.sample import make_sample_db
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "bundles" / "zmonitor"
-NOW = datetime(2026, 11, 1, tzinfo=UTC)
+# Today at midnight: the fixtures' bundles are valid now (never created in the future, and
+# valid a year, under the default max_validity_days) whenever the suite runs.
+NOW = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+VALID = timedelta(days=365)
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +45,7 @@ def shipped_bundle(tmp_path_factory: pytest.TempPathFactory,
                    release_key: tuple[Path, Path]) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "zmonitor-1.zmb"
     bundle.build(SHIPPED, out, [release_key[0]], 1, created=NOW,
-                 expires=NOW + timedelta(days=3650))
+                 expires=NOW + VALID)
     return out
 
 
@@ -161,7 +164,7 @@ def build_variant(out: Path, key: Path, sequence: int, *,
     shutil.copytree(SHIPPED, src)
     if edit is not None:
         edit(src)
-    bundle.build(src, out, [key], sequence, created=NOW, expires=NOW + timedelta(days=3650))
+    bundle.build(src, out, [key], sequence, created=NOW, expires=NOW + VALID)
     return out
 
 

@@ -24,6 +24,8 @@ import pytest
 from bundle_helpers import (
     DEVICE,
     SQL_1,
+    SQL_2,
+    SQL_3,
     KeyPair,
     RawMember,
     build_bundle,
@@ -42,7 +44,7 @@ from bundle_helpers import (
 
 from zmonitor_migrated.archive import Caps, extract_payload, open_bundle
 from zmonitor_migrated.bundle import verify_bundle
-from zmonitor_migrated.device_state import device_state
+from zmonitor_migrated.device_state import FLOOR_FILE, device_state
 from zmonitor_migrated.errors import BundleRejected, PrecheckFailed
 from zmonitor_migrated.keys import load_private_key
 from zmonitor_migrated.manifest import Manifest
@@ -58,6 +60,9 @@ from zmonitor_migrated.verify import (
 REPO = Path(__file__).resolve().parents[1]
 SEQUENCE = 5
 SQL_PATH = "migrations/schema/0001_create_patients.sql"
+ALL_APPLIED = {1: hashlib.sha256(SQL_1.encode()).hexdigest(),
+               2: hashlib.sha256(SQL_2.encode()).hexdigest(),
+               3: hashlib.sha256(SQL_3.encode()).hexdigest()}
 
 
 def sha(data: bytes | str) -> str:
@@ -86,7 +91,9 @@ class Env:
         values = {"database": self.db, "device_type": DEVICE, "trust_dir": self.trust,
                   "signature_threshold": 1, "revoked_keys": [],
                   "state_dir": self.tmp / "state", "inbox": self.tmp / "inbox",
-                  "backup_dir": self.tmp / "backups"}
+                  "backup_dir": self.tmp / "backups",
+                  # the corpus's bundles are valid 2025-2125 (bundle_helpers T0..FAR)
+                  "max_validity_days": 36525}
         values.update(overrides)
         return write_config(self.tmp / "config.yaml", **values)
 
@@ -452,6 +459,50 @@ def _(env: Env):
     return env.good, {}
 
 
+@case("created after the device time beyond the clock slack", "not-yet-valid")
+def _(env: Env):
+    created = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    return build_bundle(env.src, env.tmp / "future.zmb", [env.a], SEQUENCE, created=created,
+                        expires=created + timedelta(days=30)), {}
+
+
+@case("valid for longer than max_validity_days", "validity-too-long")
+def _(env: Env):
+    return env.good, {"max_validity_days": 730}  # the corpus bundles are valid 100 years
+
+
+@case("checks/post.yaml that does not parse", "malformed")
+def _(env: Env):
+    (env.src / "checks" / "post.yaml").write_text("checks: []\n")
+    return build_bundle(env.src, env.tmp / "post.zmb", [env.a], SEQUENCE), {}
+
+
+@case("schema/database.yaml that does not parse", "malformed")
+def _(env: Env):
+    (env.src / "schema" / "database.yaml").write_text("tables: {}\n")
+    return build_bundle(env.src, env.tmp / "spec.zmb", [env.a], SEQUENCE), {}
+
+
+@case("sequence below the state file's floor", "rollback")
+def _(env: Env):
+    _write_floor(env, SEQUENCE + 1)  # the database's own record (SEQUENCE - 1) is lower
+    return env.good, {}
+
+
+@case("state file that is not JSON", "anti-rollback-state")
+def _(env: Env):
+    (env.tmp / "state").mkdir(exist_ok=True)
+    (env.tmp / "state" / FLOOR_FILE).write_text("{not json")
+    return env.good, {}
+
+
+def _write_floor(env: Env, sequence: int) -> None:
+    (env.tmp / "state").mkdir(exist_ok=True)
+    (env.tmp / "state" / FLOOR_FILE).write_text(json.dumps({
+        "format": 1, "sequence": sequence, "manifest_sha256": "e" * 64, "name": "test",
+        "recorded_at": "2026-01-01T00:00:00Z", "origin": "bundle", "rolled_back_to": None}))
+
+
 def _reset_db(env: Env, **kwargs: object) -> None:
     for p in env.db.parent.iterdir():
         p.unlink()
@@ -477,7 +528,8 @@ def test_the_corpus_covers_every_bundle_kind() -> None:
     assert kinds == {"bad-signature", "untrusted-key", "threshold-not-met", "revoked-key",
                      "hash-mismatch", "unlisted-member", "missing-member", "unsafe-member",
                      "too-large", "malformed", "rollback", "expired", "wrong-device",
-                     "applied-migration-changed"}
+                     "applied-migration-changed", "not-yet-valid", "validity-too-long",
+                     "anti-rollback-state"}
     assert len(CORPUS) >= 40
 
 
@@ -504,9 +556,23 @@ def test_valid_bundle_verifies_and_the_database_is_untouched(env: Env) -> None:
 
 def test_the_same_bundle_again_is_already_applied_exit_0(env: Env) -> None:
     manifest, _ = open_bundle(env.good, Caps())
-    _reset_db(env, applied={1: sha(SQL_1)}, bundles=[(SEQUENCE, sha(manifest))])
+    _reset_db(env, applied=ALL_APPLIED, bundles=[(SEQUENCE, sha(manifest))])
     code, obj = verify_cli(env.good, env.config())
     assert code == 0 and obj["decision"] == "already-applied"
+    # the same bundle with something still pending (a failed run, --target): a retry
+    _reset_db(env, applied={1: sha(SQL_1)}, bundles=[(SEQUENCE, sha(manifest))])
+    code, obj = verify_cli(env.good, env.config())
+    assert code == 0 and obj["decision"] == "apply"
+
+
+def test_the_state_file_not_the_database_is_the_floor(env: Env) -> None:
+    """The database says sequence SEQUENCE + 3; the state file says SEQUENCE - 1: the
+    bundle passes, and the floor shown is the state file's."""
+    _reset_db(env, applied={1: sha(SQL_1)}, bundles=[(SEQUENCE + 3, "e" * 64)])
+    _write_floor(env, SEQUENCE - 1)
+    code, obj = verify_cli(env.good, env.config())
+    assert code == 0 and obj["decision"] == "apply", obj
+    assert obj["anti_rollback"]["sequence"] == SEQUENCE - 1 and obj["anti_rollback"]["stored"]
 
 
 def test_gzip_compressed_bundle_verifies(env: Env) -> None:
@@ -527,11 +593,16 @@ def test_threshold_2_with_two_signatures_and_trust_override(env: Env) -> None:
     assert code == 0 and obj["signed_by"] == [env.b.keyid]
 
 
-def test_without_a_database_only_expiry_is_checked(env: Env) -> None:
+def test_without_a_database_the_device_policy_still_applies(env: Env) -> None:
+    """No database (a build machine): the device type and time are still checked, the
+    applied hashes cannot be; nothing is created."""
     config = env.config(database=env.tmp / "absent.db", device_type="other-device")
     code, obj = verify_cli(env.good, config)
-    assert code == 0 and obj["decision"] is None and obj["database"] is None
-    assert not (env.tmp / "absent.db").exists()
+    assert (code, obj["error"]["kind"]) == (3, "wrong-device")
+    code, obj = verify_cli(env.good, env.config(database=env.tmp / "absent.db"))
+    assert code == 0 and obj["decision"] == "apply" and obj["database"] is None
+    assert obj["anti_rollback"]["sequence"] == 0
+    assert not (env.tmp / "absent.db").exists() and not (env.tmp / "state").exists()
 
 
 def test_bad_trust_store_is_a_config_error(env: Env) -> None:
@@ -597,9 +668,9 @@ def test_expiry_honours_the_clock_slack(env: Env) -> None:
     m = Manifest.from_json(data)
 
     def at(now: datetime) -> Decision:
-        return check_policy(m, device_type=DEVICE, last_sequence=None,
-                            last_manifest_sha256=None, manifest_sha256=sha(data), applied={},
-                            now=now, clock_slack_s=300)
+        return check_policy(m, device_type=DEVICE, floor_sequence=0,
+                            floor_manifest_sha256=None, manifest_sha256=sha(data), applied={},
+                            now=now, clock_slack_s=300, max_validity_days=730)
 
     assert at(expires + timedelta(seconds=299)) == Decision.APPLY
     with pytest.raises(BundleRejected) as exc:
@@ -610,19 +681,20 @@ def test_expiry_honours_the_clock_slack(env: Env) -> None:
 def test_policy_order_and_decisions(env: Env) -> None:
     m, digest = _manifest(env)
     now = datetime(2030, 1, 1, tzinfo=UTC)
-    base = {"device_type": DEVICE, "last_sequence": SEQUENCE - 1, "last_manifest_sha256": "x",
-            "manifest_sha256": digest, "applied": {1: sha(SQL_1), 2: None}, "now": now,
-            "clock_slack_s": 0.0}
+    base = {"device_type": DEVICE, "floor_sequence": SEQUENCE - 1,
+            "floor_manifest_sha256": "x", "manifest_sha256": digest,
+            "applied": {1: sha(SQL_1), 2: None}, "now": now, "clock_slack_s": 0.0,
+            "max_validity_days": 36525}
     assert check_policy(m, **base) == Decision.APPLY  # a NULL file_hash is not compared
-    assert check_policy(m, **{**base, "last_sequence": SEQUENCE,
-                              "last_manifest_sha256": digest}) == Decision.ALREADY_APPLIED
+    done = {**base, "floor_sequence": SEQUENCE, "floor_manifest_sha256": digest,
+            "applied": ALL_APPLIED}
+    assert check_policy(m, **done) == Decision.ALREADY_APPLIED
     # already applied wins over expiry: the same bundle again is a no-op
-    assert check_policy(m, **{**base, "last_sequence": SEQUENCE, "last_manifest_sha256": digest,
-                              "now": datetime(2200, 1, 1, tzinfo=UTC)}) == \
+    assert check_policy(m, **{**done, "now": datetime(2200, 1, 1, tzinfo=UTC)}) == \
         Decision.ALREADY_APPLIED
     # a wrong device is reported before anything else
     with pytest.raises(BundleRejected) as exc:
-        check_policy(m, **{**base, "device_type": "x", "last_sequence": 99})
+        check_policy(m, **{**base, "device_type": "x", "floor_sequence": 99})
     assert exc.value.kind == "wrong-device"
     with pytest.raises(BundleRejected) as exc:
         check_policy(m, **{**base, "applied": {1: sha(SQL_1).upper()[:-1] + "0"}})

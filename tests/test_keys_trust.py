@@ -294,7 +294,8 @@ def test_verify_is_not_locked_out_by_stray_entries(tmp_path: Path) -> None:
     by_b = build_bundle(src, tmp_path / "by-b.zmb", [b], 1)
     config = write_config(tmp_path / "config.yaml", database=db, trust_dir=d,
                           device_type="zmonitor-bedside", state_dir=tmp_path / "state",
-                          inbox=tmp_path / "inbox", backup_dir=tmp_path / "backups")
+                          inbox=tmp_path / "inbox", backup_dir=tmp_path / "backups",
+                          max_validity_days=36525)  # the helpers' bundles are valid 100 years
     repo = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(repo)}
     env.pop("JOURNAL_STREAM", None)

@@ -154,7 +154,8 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     from .maintenance import rollback
 
     result = rollback(config, to=args.to, source_dir=args.source, bundle=args.bundle,
-                      wait=args.wait, reporter=_reporter(args, config))
+                      unsigned_source=args.unsigned_source, wait=args.wait,
+                      reporter=_reporter(args, config))
     _print(args, result, [f"rolled back to version {args.to}: run {result['run_id']}"])
     return 0
 
@@ -219,9 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("rollback", parents=[common], help="run rollback scripts down to N")
     p.add_argument("--to", type=int, required=True, metavar="N")
-    p.add_argument("--source", type=Path, metavar="SRC", help="migration source directory")
     p.add_argument("--bundle", type=Path, metavar="BUNDLE",
-                   help="signed bundle holding the rollback scripts (verified first)")
+                   help="signed bundle holding the rollback scripts (admitted like apply: "
+                        "signature, device type, anti-rollback, expiry)")
+    p.add_argument("--source", type=Path, metavar="SRC",
+                   help="unsigned migration source directory (developer machines only: "
+                        "needs --unsigned-source and allow_unsigned_source: true)")
+    p.add_argument("--unsigned-source", action="store_true",
+                   help="accept the unsigned --source (also needs the config key "
+                        "allow_unsigned_source: true, which a device never sets)")
     p.add_argument("--wait", action="store_true", help="wait for another run's lock")
     p.set_defaults(func=cmd_rollback)
 

@@ -11,12 +11,16 @@ exactly one JSON object on stdout.
   [--created ISO]``: ``created`` defaults to ``$SOURCE_DATE_EPOCH`` or now, the validity to
   90 days.
 - ``bundle sign B --key K`` adds a signature in place.
-- ``bundle verify B [--trust DIR] [--threshold K]``: full verification without side
-  effects (the payload is checked in a temporary directory that is removed). The trust
-  store is ``--trust`` or the configured ``trust_dir``, with the configured threshold and
-  revoked keys. If the configured database exists, the device policy is applied against
-  it read-only (device type, anti-rollback, expiry, applied hashes); otherwise only
-  expiry. Exit 0 for "apply" and for "already applied".
+- ``bundle verify B [--trust DIR] [--threshold K]``: the verdict ``apply`` would give on
+  this device, without side effects: the same ``admission.admit`` (the payload is
+  checked in a temporary directory that is removed; nothing is recorded). The trust
+  store is ``--trust`` or the configured ``trust_dir``, with the configured revoked keys;
+  ``--threshold`` may only raise the configured ``signature_threshold`` (a lower value is
+  a usage error). The device type is the configured one; the anti-rollback floor is read
+  from the state file (or the database's record a first apply would seed) and shown,
+  unless this user cannot read the state dir (then it is shown as not checked); applied
+  hashes are checked when the database exists. Exit 0 for "apply" and for "already
+  applied".
 """
 
 from __future__ import annotations
@@ -31,14 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from . import bundle as bundle_mod
+from .admission import Admitted, admit
 from .archive import Caps
 from .config import Config
-from .device_state import device_state
 from .errors import UsageError
 from .keys import key_id, keygen, load_private_key, load_public_key
 from .manifest import format_time
 from .trust import TrustStore
-from .verify import check_expiry, check_policy, manifest_sha256
+from .verify import Purpose, manifest_sha256
 
 DEFAULT_VALID_DAYS = 90
 
@@ -92,7 +96,8 @@ def register(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
     verify.add_argument("--trust", type=Path, metavar="DIR", default=None,
                         help="directory of trusted .pub keys (default: config trust_dir)")
     verify.add_argument("--threshold", type=int, metavar="K", default=None,
-                        help="signatures required (default: config signature_threshold)")
+                        help="signatures required (default and minimum: config "
+                             "signature_threshold)")
     _add_json(verify)
     verify.set_defaults(func=handle_verify)
 
@@ -181,28 +186,44 @@ def handle_sign(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _threshold(args: argparse.Namespace, config: Config) -> int:
+    """``--threshold`` may ask for more signatures than the device, never fewer: the
+    verdict must be the one ``apply`` gives on this device."""
+    if args.threshold is None:
+        return config.signature_threshold
+    if args.threshold < config.signature_threshold:
+        raise UsageError(f"--threshold {args.threshold} is below the configured "
+                         f"signature_threshold {config.signature_threshold}; bundle verify "
+                         "gives this device's verdict, so it can only require more "
+                         f"signatures: drop --threshold or give {config.signature_threshold} "
+                         "or more")
+    return args.threshold
+
+
+def _floor_text(adm: Admitted) -> tuple[dict[str, Any], str]:
+    floor = adm.floor
+    if floor is None:
+        return ({"checked": False, "note": adm.floor_note},
+                f"anti-rollback: not checked ({adm.floor_note})")
+    origin = "state file" if floor.stored else (
+        "the database's record (seeded into the state file at the next apply)"
+        if floor.origin == "database" else "nothing recorded yet")
+    return ({"checked": True, "sequence": floor.sequence,
+             "manifest_sha256": floor.manifest_sha256, "stored": floor.stored,
+             "origin": floor.origin, "rolled_back_to": floor.rolled_back_to},
+            f"anti-rollback floor: {floor.describe()}, from {origin}")
+
+
 def handle_verify(args: argparse.Namespace, config: Config) -> int:
-    trust = TrustStore.from_config(config, directory=args.trust, threshold=args.threshold)
-    caps = Caps.from_config(config)
+    trust = TrustStore.from_config(config, directory=args.trust,
+                                   threshold=_threshold(args, config))
     with tempfile.TemporaryDirectory(prefix="zmonitor-verify-") as tmp:
-        vb = bundle_mod.verify_bundle(args.bundle, trust, extract_to=Path(tmp) / "payload",
-                                      caps=caps)
-    manifest = vb.manifest
-    now = datetime.now(UTC)
-    db = Path(getattr(args, "db", None) or config.database)
-    state = device_state(db)
-    if state.exists:
-        decision: str | None = check_policy(
-            manifest, device_type=config.device_type, last_sequence=state.last_sequence,
-            last_manifest_sha256=state.last_manifest_sha256,
-            manifest_sha256=vb.manifest_sha256, applied=state.applied, now=now,
-            clock_slack_s=config.clock_slack_s).value
-        policy = (f"device {config.device_type}, database {db} at bundle sequence "
-                  f"{state.last_sequence or 0}: {decision}")
-    else:
-        check_expiry(manifest, now=now, clock_slack_s=config.clock_slack_s)
-        decision = None
-        policy = f"no database at {db}: checked expiry only, not device policy"
+        adm = admit(config, args.bundle, extract_to=Path(tmp) / "payload",
+                    now=datetime.now(UTC), purpose=Purpose.APPLY, record=False, trust=trust)
+    vb, manifest = adm.bundle, adm.bundle.manifest
+    db = config.database
+    floor_obj, floor_line = _floor_text(adm)
+    where = f"database {db}" if adm.state.exists else f"no database at {db}"
     versions = [m.version for m in manifest.migrations]
     span = f"versions {versions[0]}-{versions[-1]}" if versions else "no migrations"
     _emit(args, {"ok": True, "bundle": str(args.bundle), "name": manifest.name,
@@ -211,12 +232,17 @@ def handle_verify(args: argparse.Namespace, config: Config) -> int:
                  "expires": format_time(manifest.expires),
                  "device_types": list(manifest.device_types), "files": len(manifest.files),
                  "migrations": versions, "signed_by": list(vb.signed_by),
-                 "threshold": trust.threshold, "decision": decision,
-                 "database": str(db) if state.exists else None},
+                 "threshold": trust.threshold, "decision": adm.decision.value,
+                 "device_type": config.device_type, "anti_rollback": floor_obj,
+                 "trust_dir": str(args.trust or config.trust_dir),
+                 "database": str(db) if adm.state.exists else None},
           f"bundle {manifest.name} sequence {manifest.sequence}: verified\n"
           f"  signed by {len(vb.signed_by)} trusted key(s), {trust.threshold} required: "
-          f"{', '.join(vb.signed_by)}\n"
+          f"{', '.join(vb.signed_by)}"
+          + ("" if args.trust is None else f" (trust dir {args.trust}, not the "
+             "configured one: the device's verdict may differ)") + "\n"
           f"  {len(manifest.files)} file(s), {len(versions)} migration(s) ({span}), "
-          f"expires {format_time(manifest.expires)}\n"
-          f"  policy: {policy}")
+          f"valid {format_time(manifest.created)} to {format_time(manifest.expires)}\n"
+          f"  {floor_line}\n"
+          f"  policy: device {config.device_type}, {where}: {adm.decision.value}")
     return 0

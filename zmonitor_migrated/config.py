@@ -55,6 +55,11 @@ class Config:
     integrity_check: str = "full"  # pre-checks and rehearsal: "full" or "quick"
     downtime_integrity_check: str = "quick"  # the migrated copy, while the app is down
     clock_slack_s: float = 300.0
+    # Longest validity (expires - created) a bundle may have: a signed bundle must not
+    # stay replayable for decades on a device that never saw a newer one.
+    max_validity_days: int = 730
+    # 'rollback --source' runs unsigned SQL: developer machines only, never packaged.
+    allow_unsigned_source: bool = False
     max_bundle_bytes: int = 512 * 1024 * 1024
     max_bundle_members: int = 10000
     metrics_path: Path | None = None
@@ -90,6 +95,7 @@ _INTS: dict[str, tuple[int, int]] = {
     "batch_size": (1, 100_000_000),
     "max_bundle_bytes": (1, 1 << 40),  # up to 1 TiB
     "max_bundle_members": (1, 1_000_000),
+    "max_validity_days": (1, 36_525),  # a century: more is a typo
 }
 _FLOATS: dict[str, tuple[float, float]] = {  # seconds
     "max_downtime_s": (0.001, 86_400.0),  # up to a day
@@ -180,6 +186,12 @@ def _revoked(key: str, value: Any, source: Path | str, _base: Path) -> tuple[str
     return tuple(v.lower() for v in value)
 
 
+def _bool(key: str, value: Any, source: Path | str, _base: Path) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, "true or false", value, source)
+    return value
+
+
 _Validator = Callable[[str, Any, "Path | str", Path], Any]
 _VALIDATORS: dict[str, _Validator] = {
     **{k: _path for k in _PATHS},
@@ -189,6 +201,7 @@ _VALIDATORS: dict[str, _Validator] = {
     **{k: _str for k in _STRS},
     "app_unit": _app_unit,
     "revoked_keys": _revoked,
+    "allow_unsigned_source": _bool,
 }
 
 

@@ -8,8 +8,11 @@
 - ``restore``: stop the app, put a backup back (verified against its recorded sha256
   first), start the app. Journaled like a run, so a kill half-way is finished by
   ``recover``.
-- ``rollback``: the rollback scripts of a verified bundle (or a source directory) down to
-  version N, through the same stop/backup/copy/validate/swap/start pipeline as apply.
+- ``rollback``: the rollback scripts of a bundle admitted like apply's (signature, device
+  type, anti-rollback floor, time: ``admission.admit``) down to version N, through the
+  same stop/backup/copy/validate/swap/start pipeline as apply. An unsigned source
+  directory needs ``--unsigned-source`` and ``allow_unsigned_source: true`` (never on a
+  device). A restore first seeds the anti-rollback floor from the live database.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 from . import backup as backups
 from . import history, sources
 from .config import Config
-from .errors import LockHeld, RestoreFailed, UsageError
+from .device_state import device_state, mark_rolled_back, seed_floor
+from .errors import BundleRejected, LockHeld, PrecheckFailed, RestoreFailed, UsageError
 from .journal import BEFORE_SWAP, Journal, Phase
 from .lock import RunLock
 from .progress import Reporter
@@ -71,12 +75,23 @@ def _pick_backup(config: Config, backup: Path | None, run_id: str | None) -> Pat
     return found[-1]
 
 
+def _seed_before_restore(config: Config, reporter: Reporter) -> None:
+    """The anti-rollback floor is seeded from the live database before a restore can put
+    an older one (with an older record) in its place. A restore is an emergency repair:
+    it is never blocked by the floor, only reported."""
+    try:
+        seed_floor(config.state_dir, device_state(config.database))
+    except (BundleRejected, PrecheckFailed) as exc:
+        reporter.alert("anti-rollback-state", f"{exc.message} (the restore goes ahead)")
+
+
 def restore(config: Config, *, backup: Path | None = None, run_id: str | None = None,
             wait: bool = False, reporter: Reporter | None = None) -> Path:
     reporter = reporter or Reporter()
     services = for_unit(config.app_unit, config.systemctl)
     with RunLock(config.lock_path, wait=wait):
         recover(config, services=services, reporter=reporter)
+        _seed_before_restore(config, reporter)
         path = _pick_backup(config, backup, run_id)
         digest = backups.verify(path)  # refuse a damaged backup before stopping anything
         started = time.time()
@@ -107,17 +122,47 @@ def restore(config: Config, *, backup: Path | None = None, run_id: str | None = 
         return path
 
 
+UNSIGNED_FLAG = "--unsigned-source"
+
+
+def _allow_unsigned(config: Config, unsigned_source: bool) -> None:
+    """``rollback --source`` runs unsigned SQL: a developer-machine tool. It needs both
+    the flag and the config key, which the packaged config does not set."""
+    if unsigned_source and config.allow_unsigned_source:
+        return
+    if not unsigned_source:
+        raise UsageError(
+            "rollback --source runs unsigned SQL from a directory and is refused without "
+            f"{UNSIGNED_FLAG}; on a device roll back with the signed bundle instead: "
+            "'zmonitor-migrate rollback --to N --bundle BUNDLE.zmb'. On a developer "
+            f"machine add {UNSIGNED_FLAG} and set 'allow_unsigned_source: true' in its "
+            "config", kind="unsigned-source")
+    raise UsageError(
+        f"rollback --source {UNSIGNED_FLAG} needs 'allow_unsigned_source: true' in the "
+        "config, and this config does not allow unsigned sources (the packaged default); "
+        "never set it on a device. On a device roll back with the signed bundle: "
+        "'zmonitor-migrate rollback --to N --bundle BUNDLE.zmb'", kind="unsigned-source")
+
+
 def rollback(config: Config, *, to: int, source_dir: Path | None, bundle: Path | None,
-             wait: bool = False, reporter: Reporter | None = None) -> dict[str, Any]:
+             unsigned_source: bool = False, wait: bool = False,
+             reporter: Reporter | None = None) -> dict[str, Any]:
+    """``bundle``: admitted like apply (signature, device type, anti-rollback floor,
+    time, applied hashes); the floor's own bundle is recorded as rolled back, so the same
+    bundle again is a no-op and going forward needs a higher sequence."""
     from .pipeline import Verified, _verify_only, drive
 
     if (source_dir is None) == (bundle is None):
         raise UsageError("rollback needs exactly one of --bundle B.zmb (verified first) or "
                          "--source DIR (holding migrations/rollback/)")
+    if source_dir is not None:
+        _allow_unsigned(config, unsigned_source)
+    used: list[Verified] = []
 
     def obtain(run_dir: Path) -> Verified:
         if bundle is not None:
-            return _verify_only(config, bundle, run_dir)
+            used.append(_verify_only(config, bundle, run_dir))
+            return used[-1]
         assert source_dir is not None
         src = sources.load(source_dir)
         return Verified(name=src.info.name, sequence=0, manifest_sha256="", source=src,
@@ -125,4 +170,8 @@ def rollback(config: Config, *, to: int, source_dir: Path | None, bundle: Path |
 
     result = drive(config, obtain, label=f"rollback --to {to}", reporter=reporter,
                    wait=wait, rollback_to=to)
+    if result.outcome == "rolled-back":
+        with RunLock(config.lock_path, wait=True):
+            mark_rolled_back(config.state_dir, sequence=used[0].sequence if used else 0,
+                             manifest_sha256=used[0].manifest_sha256 if used else "", to=to)
     return result.to_dict()

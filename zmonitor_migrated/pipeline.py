@@ -12,6 +12,9 @@ Guarantees:
 - Everything that can fail without the app stopped (signature, policy, integrity,
   foreign keys, free space, a full rehearsal of the bundle on an online snapshot, the
   downtime estimate) fails *before* the stop: exit 3 or 4, app untouched.
+- The bundle is admitted by ``admission.admit`` (the same verdict as ``bundle verify``
+  and ``rollback --bundle``); the anti-rollback floor in the state dir is raised as soon
+  as it is accepted, before the rehearsal (a dry run records nothing).
 - The live file is never written by a migration. The copy is migrated and validated,
   then ``rename(2)``-ed over the live path, so a crash at any instant leaves either the
   old database (every row intact) or the migrated, validated one. Until the rename,
@@ -566,46 +569,34 @@ def _classify(exc: BaseException) -> MigrateError:
     return MigrateError(f"{type(exc).__name__}: {exc}", kind="internal")
 
 
-def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime) -> Verified:
-    """Private copy, full verification, device policy. Raises BundleRejected, or
-    AlreadyApplied for the same bundle again."""
+def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime, *,
+            record: bool = True, purpose: str = "apply") -> Verified:
+    """Private copy, then ``admission.admit``: full verification, device policy with the
+    anti-rollback floor (recorded here, before the rehearsal, unless ``record`` is off),
+    the payload's YAML. Raises BundleRejected, or AlreadyApplied for a no-op."""
     from . import bundle as bundle_mod
+    from .admission import admit
     from .archive import Caps
-    from .device_state import device_state
-    from .trust import TrustStore
-    from .verify import Decision, check_policy
+    from .verify import Decision, Purpose
 
-    trust = TrustStore.from_config(config)
     caps = Caps.from_config(config)
-    private = bundle_mod.private_copy(bundle_path, run_dir, max_bytes=caps.read_limit)
-    vb = bundle_mod.verify_bundle(private, trust, extract_to=run_dir / "payload", caps=caps)
-    state = device_state(config.database)
-    decision = check_policy(vb.manifest, device_type=config.device_type,
-                            last_sequence=state.last_sequence,
-                            last_manifest_sha256=state.last_manifest_sha256,
-                            manifest_sha256=vb.manifest_sha256, applied=state.applied,
-                            now=now, clock_slack_s=config.clock_slack_s)
-    if decision == Decision.ALREADY_APPLIED:
+    private = bundle_mod.private_copy(Path(bundle_path), run_dir, max_bytes=caps.read_limit)
+    adm = admit(config, private, extract_to=run_dir / "payload", now=now,
+                purpose=Purpose(purpose), record=record)
+    vb = adm.bundle
+    if adm.decision == Decision.ALREADY_APPLIED:
         raise AlreadyApplied(vb.manifest.name, vb.manifest.sequence)
     return Verified(name=vb.manifest.name, sequence=vb.manifest.sequence,
                     manifest_sha256=vb.manifest_sha256, source=vb.source,
                     declared_loss=set(vb.manifest.declared_row_loss))
 
 
-def _verify_only(config: Config, bundle_path: Path, run_dir: Path) -> Verified:
-    """Signature and payload verification without the sequence policy: for rollback,
-    which uses the rollback scripts of a bundle the device already applied."""
-    from . import bundle as bundle_mod
-    from .archive import Caps
-    from .trust import TrustStore
-
-    caps = Caps.from_config(config)
-    private = bundle_mod.private_copy(Path(bundle_path), run_dir, max_bytes=caps.read_limit)
-    vb = bundle_mod.verify_bundle(private, TrustStore.from_config(config),
-                                  extract_to=run_dir / "payload", caps=caps)
-    return Verified(name=vb.manifest.name, sequence=vb.manifest.sequence,
-                    manifest_sha256=vb.manifest_sha256, source=vb.source,
-                    declared_loss=set(vb.manifest.declared_row_loss))
+def _verify_only(config: Config, bundle_path: Path, run_dir: Path,
+                 now: datetime | None = None) -> Verified:
+    """For ``rollback --bundle``: the same admission as apply (signature, device type,
+    anti-rollback floor, time, applied hashes, payload YAML), never "nothing to do"."""
+    return _verify(config, bundle_path, run_dir, now or datetime.now(UTC),
+                   purpose="rollback")
 
 
 class AlreadyApplied(Exception):
@@ -626,7 +617,9 @@ def apply(bundle_path: Path, config: Config, *, services: ServiceManager | None 
         raise BundleRejected(f"bundle {bundle_path} does not exist or is not a file",
                              kind="malformed")
     clock = now or (lambda: datetime.now(UTC))
-    return drive(config, lambda run_dir: _verify(config, bundle_path, run_dir, clock()),
+    # A dry run writes nothing, not even the anti-rollback floor.
+    return drive(config, lambda run_dir: _verify(config, bundle_path, run_dir, clock(),
+                                                 record=not dry_run),
                  label=str(bundle_path), services=services, reporter=reporter,
                  dry_run=dry_run, target=target, allow_long=allow_long, wait=wait,
                  stop_requested=stop_requested, now=clock)

@@ -19,18 +19,25 @@ first failure:
    only unknown keys did, else ``threshold-not-met`` (also for k-1 of k);
 5. only then is the manifest parsed (``Manifest.from_json``, ``malformed``).
 
-``check_policy(...)`` then decides for one device, in order: ``wrong-device``; the same
-sequence with the same manifest hash is ``already-applied`` (a no-op, even once
-expired); ``rollback`` for a lower sequence, an equal one with other content, or a
-bundle that lacks versions the database already has; ``expired`` (with clock slack);
-``applied-migration-changed`` when a version the device applied has another sha256.
+``check_policy(...)`` then decides for one device, in order: ``wrong-device``;
+``rollback`` for a sequence below the anti-rollback floor or equal to it with another
+manifest hash; the floor's own bundle again is ``already-applied`` (a no-op, even once
+expired) for ``apply`` when the database has every migration of it or it was rolled
+back, otherwise it is checked like a new bundle (a retry); ``not-yet-valid`` (created
+after the device time plus the clock slack); ``validity-too-long`` (expires - created
+over ``max_validity_days``); ``expired`` (with clock slack); ``rollback`` for a bundle
+that lacks versions the database already has; ``applied-migration-changed`` when a
+version the device applied has another sha256. ``admission.admit`` is the one caller
+that feeds it the device's state, for ``apply``, ``rollback --bundle`` and ``bundle
+verify`` alike.
 
 Example::
 
     manifest = verify_manifest(manifest_bytes, signatures_bytes, trust)
-    decision = check_policy(manifest, device_type="zmonitor-bedside", last_sequence=4,
-                            last_manifest_sha256=None, manifest_sha256=sha,
-                            applied={1: "ab…"}, now=datetime.now(UTC), clock_slack_s=300)
+    decision = check_policy(manifest, device_type="zmonitor-bedside", floor_sequence=4,
+                            floor_manifest_sha256="ab…", manifest_sha256=sha,
+                            applied={1: "ab…"}, now=datetime.now(UTC), clock_slack_s=300,
+                            max_validity_days=730)
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from .manifest import MAX_MANIFEST_BYTES, Manifest, format_time, parse_json
 from .trust import TrustStore
 
 MAX_SIGNATURES_BYTES = 64 * 1024
-_KEY_ID = re.compile(r"^[0-9a-f]{64}$")
+_KEY_ID = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,37 @@ class Decision(StrEnum):
     ALREADY_APPLIED = "already-applied"
 
 
+class Purpose(StrEnum):
+    """What the verified bundle is for: the same policy, one difference. Only ``apply``
+    knows "nothing to do": a rollback always uses the bundle, so every check applies."""
+
+    APPLY = "apply"
+    ROLLBACK = "rollback"
+
+
+def check_time(manifest: Manifest, *, now: datetime, clock_slack_s: float,
+               max_validity_days: int) -> None:
+    """Not before ``created`` (minus slack), not after ``expires`` (plus slack), and not
+    valid for longer than the device allows."""
+    slack = timedelta(seconds=clock_slack_s)
+    if manifest.created - slack > now:
+        raise BundleRejected(
+            f"bundle {manifest.name} sequence {manifest.sequence} was created at "
+            f"{format_time(manifest.created)}, after the device time {format_time(now)} "
+            f"(slack {clock_slack_s:g} s): it is not valid yet. If the device clock is "
+            "behind, fix it (timedatectl); otherwise rebuild the bundle with a correct "
+            "--created", kind="not-yet-valid")
+    validity = manifest.expires - manifest.created
+    if validity > timedelta(days=max_validity_days):
+        raise BundleRejected(
+            f"bundle {manifest.name} sequence {manifest.sequence} is valid for "
+            f"{validity.total_seconds() / 86400:g} days ({format_time(manifest.created)} to "
+            f"{format_time(manifest.expires)}), over this device's max_validity_days="
+            f"{max_validity_days}; rebuild it with --valid-days {max_validity_days} or less",
+            kind="validity-too-long")
+    check_expiry(manifest, now=now, clock_slack_s=clock_slack_s)
+
+
 def check_expiry(manifest: Manifest, *, now: datetime, clock_slack_s: float) -> None:
     if now - timedelta(seconds=clock_slack_s) > manifest.expires:
         raise BundleRejected(
@@ -190,27 +228,49 @@ def check_expiry(manifest: Manifest, *, now: datetime, clock_slack_s: float) -> 
             "device clock if it is wrong", kind="expired")
 
 
-def check_policy(manifest: Manifest, *, device_type: str, last_sequence: int | None,
-                 last_manifest_sha256: str | None, manifest_sha256: str,
-                 applied: Mapping[int, str | None], now: datetime,
-                 clock_slack_s: float) -> Decision:
-    """May this verified manifest be applied on this device now?"""
+def check_floor(manifest: Manifest, *, floor_sequence: int,
+                floor_manifest_sha256: str | None, manifest_sha256: str) -> bool:
+    """Anti-rollback. True for the floor's own bundle again (same sequence, same
+    manifest bytes); raises for an older sequence or the same one with other content."""
+    if manifest.sequence == floor_sequence and floor_manifest_sha256 == manifest_sha256:
+        return True
+    if manifest.sequence <= floor_sequence:
+        same = "the same sequence with different content" \
+            if manifest.sequence == floor_sequence else "an older sequence"
+        raise BundleRejected(
+            f"bundle sequence {manifest.sequence} is {same}: this device already accepted "
+            f"sequence {floor_sequence}. Bundles only move forward; build a new bundle with "
+            f"--sequence {floor_sequence + 1} or higher", kind="rollback")
+    return False
+
+
+def _all_applied(manifest: Manifest, applied: Mapping[int, str | None]) -> bool:
+    return all(m.version in applied and (not applied[m.version]
+                                         or str(applied[m.version]).lower() == m.sha256)
+               for m in manifest.migrations)
+
+
+def check_policy(manifest: Manifest, *, device_type: str, floor_sequence: int,
+                 floor_manifest_sha256: str | None, manifest_sha256: str,
+                 applied: Mapping[int, str | None], now: datetime, clock_slack_s: float,
+                 max_validity_days: int, rolled_back: bool = False,
+                 purpose: Purpose = Purpose.APPLY) -> Decision:
+    """May this verified manifest be used on this device now? The floor comes from the
+    device's anti-rollback state (``device_state.Floor``), never from the database."""
     if device_type not in manifest.device_types:
         raise BundleRejected(
             f"bundle {manifest.name} is for device type(s) {', '.join(manifest.device_types)}, "
             f"this device is {device_type!r}; use the bundle built for this device type",
             kind="wrong-device")
-    last = last_sequence or 0
-    if manifest.sequence == last and last_manifest_sha256 == manifest_sha256:
+    same = check_floor(manifest, floor_sequence=floor_sequence,
+                       floor_manifest_sha256=floor_manifest_sha256,
+                       manifest_sha256=manifest_sha256)
+    # The same bundle again is a no-op (even once expired) when the database has all of it,
+    # or when it was rolled back; otherwise it is a retry and checked like a new one.
+    if same and purpose == Purpose.APPLY and (rolled_back or _all_applied(manifest, applied)):
         return Decision.ALREADY_APPLIED
-    if manifest.sequence <= last:
-        same = "the same sequence with different content" if manifest.sequence == last else \
-            "an older sequence"
-        raise BundleRejected(
-            f"bundle sequence {manifest.sequence} is {same}: this device already applied "
-            f"sequence {last}. Bundles only move forward; build a new bundle with "
-            f"--sequence {last + 1} or higher", kind="rollback")
-    check_expiry(manifest, now=now, clock_slack_s=clock_slack_s)
+    check_time(manifest, now=now, clock_slack_s=clock_slack_s,
+               max_validity_days=max_validity_days)
     in_bundle = {m.version: m for m in manifest.migrations}
     ahead = sorted(v for v in applied if v not in in_bundle)
     if ahead:

@@ -115,9 +115,11 @@ def rollback(config: Config, *, to: int, source_dir: Path | None, bundle: Path |
         raise UsageError("rollback needs exactly one of --bundle B.zmb (verified first) or "
                          "--source DIR (holding migrations/rollback/)")
 
+    reporter = reporter or Reporter()
+
     def obtain(run_dir: Path) -> Verified:
         if bundle is not None:
-            return _verify_only(config, bundle, run_dir)
+            return _verify_only(config, bundle, run_dir, reporter.heartbeat)
         assert source_dir is not None
         src = sources.load(source_dir)
         return Verified(name=src.info.name, sequence=0, manifest_sha256="", source=src,

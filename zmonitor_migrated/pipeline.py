@@ -566,9 +566,11 @@ def _classify(exc: BaseException) -> MigrateError:
     return MigrateError(f"{type(exc).__name__}: {exc}", kind="internal")
 
 
-def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime) -> Verified:
+def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime,
+            tick: Callable[[], None] | None = None) -> Verified:
     """Private copy, full verification, device policy. Raises BundleRejected, or
-    AlreadyApplied for the same bundle again."""
+    AlreadyApplied for the same bundle again. ``tick`` (the watchdog heartbeat) is
+    called between bounded reads of the bundle."""
     from . import bundle as bundle_mod
     from .archive import Caps
     from .device_state import device_state
@@ -577,8 +579,10 @@ def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime) -> 
 
     trust = TrustStore.from_config(config)
     caps = Caps.from_config(config)
-    private = bundle_mod.private_copy(bundle_path, run_dir, max_bytes=caps.read_limit)
-    vb = bundle_mod.verify_bundle(private, trust, extract_to=run_dir / "payload", caps=caps)
+    private = bundle_mod.private_copy(bundle_path, run_dir, max_bytes=caps.read_limit,
+                                      tick=tick)
+    vb = bundle_mod.verify_bundle(private, trust, extract_to=run_dir / "payload", caps=caps,
+                                  tick=tick)
     state = device_state(config.database)
     decision = check_policy(vb.manifest, device_type=config.device_type,
                             last_sequence=state.last_sequence,
@@ -592,7 +596,8 @@ def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime) -> 
                     declared_loss=set(vb.manifest.declared_row_loss))
 
 
-def _verify_only(config: Config, bundle_path: Path, run_dir: Path) -> Verified:
+def _verify_only(config: Config, bundle_path: Path, run_dir: Path,
+                 tick: Callable[[], None] | None = None) -> Verified:
     """Signature and payload verification without the sequence policy: for rollback,
     which uses the rollback scripts of a bundle the device already applied."""
     from . import bundle as bundle_mod
@@ -600,9 +605,10 @@ def _verify_only(config: Config, bundle_path: Path, run_dir: Path) -> Verified:
     from .trust import TrustStore
 
     caps = Caps.from_config(config)
-    private = bundle_mod.private_copy(Path(bundle_path), run_dir, max_bytes=caps.read_limit)
+    private = bundle_mod.private_copy(Path(bundle_path), run_dir, max_bytes=caps.read_limit,
+                                      tick=tick)
     vb = bundle_mod.verify_bundle(private, TrustStore.from_config(config),
-                                  extract_to=run_dir / "payload", caps=caps)
+                                  extract_to=run_dir / "payload", caps=caps, tick=tick)
     return Verified(name=vb.manifest.name, sequence=vb.manifest.sequence,
                     manifest_sha256=vb.manifest_sha256, source=vb.source,
                     declared_loss=set(vb.manifest.declared_row_loss))
@@ -626,7 +632,9 @@ def apply(bundle_path: Path, config: Config, *, services: ServiceManager | None 
         raise BundleRejected(f"bundle {bundle_path} does not exist or is not a file",
                              kind="malformed")
     clock = now or (lambda: datetime.now(UTC))
-    return drive(config, lambda run_dir: _verify(config, bundle_path, run_dir, clock()),
+    reporter = reporter or Reporter()
+    return drive(config, lambda run_dir: _verify(config, bundle_path, run_dir, clock(),
+                                                 reporter.heartbeat),
                  label=str(bundle_path), services=services, reporter=reporter,
                  dry_run=dry_run, target=target, allow_long=allow_long, wait=wait,
                  stop_requested=stop_requested, now=clock)

@@ -50,18 +50,19 @@ reproducibility; gzip is accepted for transports that compress.
      ``GZIP_FIELD_CAP`` bytes (read in blocks); FHCRC, if present, must match;
    - data: inflated with a bound on the output of each call, every byte counted
      against the read limit; the compressed bytes consumed may not exceed 9/8 of the
-     output plus ``GZIP_SLACK`` (real compressors never expand more: stored blocks add
-     5 bytes per 64 KiB, fixed Huffman at most 1 bit per byte), so a stream of empty
-     or padding deflate blocks is refused after about a MiB of input, not after
-     inflating nothing for the whole file;
+     output plus ``GZIP_SLACK`` (compressors fall back to stored blocks, 5 bytes per
+     64 KiB, when coding would expand; fixed Huffman codes are at most 9 bits a byte),
+     so a stream of empty or padding deflate blocks is refused after about a MiB of
+     input instead of being inflated to nothing for the whole file;
    - trailer: CRC32 and ISIZE must match the inflated data.
 
    Every read of the file is bounded (64 KiB of compressed input at a time) and
    preceded by the ``tick`` callback, so a caller's watchdog keeps being fed.
 7. Disk space: ``extract_payload`` checks the free space of the extraction directory
    against the (verified) payload sizes before writing, and a full disk while writing is
-   ``PrecheckFailed`` kind ``disk-full`` (exit 4): not the bundle's fault, nothing on the
-   device was touched; the partial extraction is removed.
+   ``PrecheckFailed`` kind ``disk-space`` (exit 4, the kind the rehearsal's space check
+   uses): not the bundle's fault, nothing on the device was touched; the partial
+   extraction is removed.
 
 Example::
 
@@ -218,7 +219,7 @@ def no_space(directory: Path, needed: int | None = None,
     detail += "" if free is None else f", {free} free"
     return PrecheckFailed(f"not enough free space in {directory}{detail}. Nothing was "
                           "changed on the device; free space there (or raise the disk) and "
-                          "retry the same bundle", kind="disk-full")
+                          "retry the same bundle", kind="disk-space")
 
 
 def check_free_space(directory: Path, sizes: Iterable[int]) -> None:

@@ -328,7 +328,7 @@ def private_copy(path: Path, dest_dir: Path, *, max_bytes: int | None = None,
     file between verification and use. Symlinks and special files are refused without
     blocking (``archive.open_regular``). A copy that cannot fit in the free space of
     ``dest_dir`` is refused before a byte is written, and a disk that fills up during the
-    copy removes the partial copy: both are ``PrecheckFailed`` kind ``disk-full`` (exit 4;
+    copy removes the partial copy: both are ``PrecheckFailed`` kind ``disk-space`` (exit 4;
     not the bundle's fault, the same bundle can be retried once there is space).
     ``tick`` is called before each 1 MiB chunk."""
     path, dest_dir = Path(path), Path(dest_dir)

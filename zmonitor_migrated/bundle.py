@@ -28,7 +28,7 @@ Example::
     build(Path("bundles/zmonitor"), Path("out.zmb"), [Path("keys/release.key")], 7,
           created=now, expires=now + timedelta(days=90))
     sign(Path("out.zmb"), Path("keys/clinical.key"))
-    vb = verify_bundle(private_copy(Path("inbox/out.zmb"), work), trust,
+    vb = verify_bundle(receive(Path("inbox/out.zmb"), work, trust), trust,
                        extract_to=work / "payload", caps=Caps())
 """
 
@@ -318,6 +318,20 @@ def _check_payload_agrees(manifest: Manifest, root: Path) -> None:
             raise BundleRejected(f"migration {mig.version}: description {mig.description!r} "
                                  f"does not follow from {mig.path}; rebuild the bundle",
                                  kind="malformed")
+
+
+def receive(path: Path, dest_dir: Path, trust: TrustStore, *, caps: Caps | None = None,
+            tick: Tick | None = None) -> Path:
+    """What a run does with an incoming bundle before verifying it: refuse a file that
+    no trusted key signed after reading at most its manifest and signatures, then take
+    the ``private_copy`` that verification and the run use.
+
+    So an unsigned file of any size up to the cap costs about a MiB of reading, no copy
+    and no disk space. The early check only ever refuses: the copy is verified in full
+    by ``verify_bundle`` (the file may change between the two)."""
+    caps = caps or Caps()
+    verify_signatures(*open_bundle(path, caps, tick), trust)
+    return private_copy(path, dest_dir, max_bytes=caps.read_limit, tick=tick)
 
 
 def private_copy(path: Path, dest_dir: Path, *, max_bytes: int | None = None,

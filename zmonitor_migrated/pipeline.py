@@ -568,9 +568,9 @@ def _classify(exc: BaseException) -> MigrateError:
 
 def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime,
             tick: Callable[[], None] | None = None) -> Verified:
-    """Private copy, full verification, device policy. Raises BundleRejected, or
-    AlreadyApplied for the same bundle again. ``tick`` (the watchdog heartbeat) is
-    called between bounded reads of the bundle."""
+    """Early signature check and private copy (``bundle.receive``), full verification,
+    device policy. Raises BundleRejected, or AlreadyApplied for the same bundle again.
+    ``tick`` (the watchdog heartbeat) is called between bounded reads of the bundle."""
     from . import bundle as bundle_mod
     from .archive import Caps
     from .device_state import device_state
@@ -579,8 +579,7 @@ def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime,
 
     trust = TrustStore.from_config(config)
     caps = Caps.from_config(config)
-    private = bundle_mod.private_copy(bundle_path, run_dir, max_bytes=caps.read_limit,
-                                      tick=tick)
+    private = bundle_mod.receive(bundle_path, run_dir, trust, caps=caps, tick=tick)
     vb = bundle_mod.verify_bundle(private, trust, extract_to=run_dir / "payload", caps=caps,
                                   tick=tick)
     state = device_state(config.database)
@@ -605,10 +604,10 @@ def _verify_only(config: Config, bundle_path: Path, run_dir: Path,
     from .trust import TrustStore
 
     caps = Caps.from_config(config)
-    private = bundle_mod.private_copy(Path(bundle_path), run_dir, max_bytes=caps.read_limit,
-                                      tick=tick)
-    vb = bundle_mod.verify_bundle(private, TrustStore.from_config(config),
-                                  extract_to=run_dir / "payload", caps=caps, tick=tick)
+    trust = TrustStore.from_config(config)
+    private = bundle_mod.receive(Path(bundle_path), run_dir, trust, caps=caps, tick=tick)
+    vb = bundle_mod.verify_bundle(private, trust, extract_to=run_dir / "payload", caps=caps,
+                                  tick=tick)
     return Verified(name=vb.manifest.name, sequence=vb.manifest.sequence,
                     manifest_sha256=vb.manifest_sha256, source=vb.source,
                     declared_loss=set(vb.manifest.declared_row_loss))

@@ -1,12 +1,14 @@
 """Time to refuse a hostile, unsigned file of any size up to the cap (target >= 200 MB/s).
 
 For each case a file of each size is written to a temporary directory, then the path a
-daemon takes for an inbox file is timed from start to refusal: ``private_copy`` (the
-copy into the run directory: read, sha256, write, fsync) then ``verify_bundle`` against
-a trust store holding one key that signed none of these files, up to its
-``BundleRejected``. Each size/case is measured ``--runs`` times and the median is
-printed with MB/s of input (MB = 10^6 bytes), the median of the copy alone, the
-median of the verification alone, and the refusal's kind.
+run (the daemon's, ``apply``'s) takes for an incoming file is timed from start to
+refusal: ``pipeline._verify`` = ``bundle.receive`` (the signature check on the incoming
+file, then ``private_copy``: read, sha256, write, fsync) then ``verify_bundle`` of the
+copy, against a trust store holding one key that signed none of these files. Each
+size/case is measured ``--runs`` times; the median is printed with MB/s of input
+(MB = 10^6 bytes) and the refusal's kind. ``--copy-first`` also times the path without
+the early check (``private_copy`` then ``verify_bundle``, what a run did before), whose
+cost is the copy of the whole file.
 
 Cases (the worst we know for each layer before the signature check):
 
@@ -22,7 +24,7 @@ Cases (the worst we know for each layer before the signature check):
 At most two files of the largest size exist at once (the case and its private copy).
 
     python3 bench/hostile_refusal.py [--sizes 64,256,512] [--runs 3] [--dir /var/tmp]
-        [--cases NAME,...]
+        [--cases NAME,...] [--copy-first]
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from zmonitor_migrated import pipeline
 from zmonitor_migrated.archive import Caps
 from zmonitor_migrated.bundle import build, private_copy, verify_bundle
+from zmonitor_migrated.config import Config
 from zmonitor_migrated.errors import MigrateError
 from zmonitor_migrated.keys import keygen
 from zmonitor_migrated.trust import TrustStore
@@ -183,23 +187,37 @@ def _headers(size: int) -> Iterator[bytes]:
                        size - len(first))
 
 
-def measure(path: Path, work: Path, trust: TrustStore, caps: Caps) -> tuple[float, float, str]:
-    """Seconds for the copy, seconds for the verification, and the refusal's kind."""
+def _timed(fn: Callable[[], object]) -> tuple[float, str]:
+    start = time.perf_counter()
+    try:
+        fn()
+    except MigrateError as exc:
+        return time.perf_counter() - start, exc.kind
+    raise SystemExit("a hostile file was accepted")
+
+
+def measure_run(path: Path, work: Path, config: Config) -> tuple[float, str]:
+    """The run's own path: seconds to the refusal, and its kind."""
     run = Path(tempfile.mkdtemp(dir=work))
     try:
-        t0 = time.perf_counter()
-        try:
-            copy = private_copy(path, run, max_bytes=caps.read_limit)
-        except MigrateError as exc:
-            return time.perf_counter() - t0, 0.0, f"{exc.kind} (copy)"
-        t1 = time.perf_counter()
-        try:
-            verify_bundle(copy, trust, extract_to=run / "payload", caps=caps)
-        except MigrateError as exc:
-            return t1 - t0, time.perf_counter() - t1, exc.kind
-        raise SystemExit(f"{path.name} was accepted")
+        return _timed(lambda: pipeline._verify(config, path, run, datetime.now(UTC)))
     finally:
         shutil.rmtree(run)
+
+
+def measure_copy_first(path: Path, work: Path, trust: TrustStore,
+                       caps: Caps) -> tuple[float, str]:
+    run = Path(tempfile.mkdtemp(dir=work))
+    try:
+        return _timed(lambda: verify_bundle(private_copy(path, run, max_bytes=caps.read_limit),
+                                            trust, extract_to=run / "payload", caps=caps))
+    finally:
+        shutil.rmtree(run)
+
+
+def _median(results: list[tuple[float, str]]) -> tuple[float, str]:
+    return (statistics.median(t for t, _ in results),
+            ", ".join(sorted({k for _, k in results})))
 
 
 def main() -> int:
@@ -208,28 +226,33 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="measurements per case and size")
     parser.add_argument("--dir", default=None, help="where to write (default: $TMPDIR)")
     parser.add_argument("--cases", default=None, help="comma-separated case names")
+    parser.add_argument("--copy-first", action="store_true",
+                        help="also time private_copy + verify_bundle (no early check)")
     args = parser.parse_args()
     sizes = [int(s) * MIB for s in args.sizes.split(",")]
     names = args.cases.split(",") if args.cases else list(CASES)
     caps = Caps()
-    print(f"{'case':36} {'MiB':>4} {'median s':>9} {'MB/s':>8} {'copy s':>7} "
-          f"{'verify s':>9}  kind", flush=True)
+    print(f"{'case':34} {'MiB':>4} {'run s':>8} {'MB/s':>7}  {'kind':14}"
+          + (f" {'copy-first s':>12} {'MB/s':>6}" if args.copy_first else ""), flush=True)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="hostile-") as tmp:
         work = Path(tmp)
         setup = Setup(work / "setup")
+        config = Config(database=work / "absent.db", trust_dir=work / "setup" / "trust",
+                        state_dir=work / "state", app_unit=None)
         for name in names:
             for size in sizes:
                 path = work / "case.zmb"
                 CASES[name](path, size, setup)
                 n = path.stat().st_size
-                results = [measure(path, work, setup.trust, caps) for _ in range(args.runs)]
+                run_s, kind = _median([measure_run(path, work, config)
+                                       for _ in range(args.runs)])
+                line = f"{name:34} {n / MIB:4.0f} {run_s:8.4f} {n / MB / run_s:7.0f}  {kind:14}"
+                if args.copy_first:
+                    copy_s, _ = _median([measure_copy_first(path, work, setup.trust, caps)
+                                         for _ in range(args.runs)])
+                    line += f" {copy_s:12.3f} {n / MB / copy_s:6.0f}"
                 path.unlink()
-                total = statistics.median(c + v for c, v, _ in results)
-                copy = statistics.median(c for c, _, _ in results)
-                verify = statistics.median(v for _, v, _ in results)
-                kinds = sorted({k for _, _, k in results})
-                print(f"{name:36} {n / MIB:4.0f} {total:9.3f} {n / MB / total:8.0f} "
-                      f"{copy:7.3f} {verify:9.4f}  {', '.join(kinds)}", flush=True)
+                print(line, flush=True)
     return 0
 
 

@@ -321,6 +321,22 @@ def test_gzip_forms_that_are_refused(signed: Signed, tmp_path: Path, name: str) 
     refused(attempt(signed, make(signed.raw), tmp_path), kind, text)
 
 
+def test_members_of_a_whole_number_of_blocks_in_a_gzip_bundle(signed: Signed,
+                                                               tmp_path: Path) -> None:
+    """Members of 512 and 1024 bytes have no padding: the reader asks the gzip layer for
+    0 bytes, which must be 0 bytes (zlib reads max_length 0 as "no limit")."""
+    files = {**DEFAULT_FILES,
+             "checks/post.yaml": "checks: []\n#" + "x" * (512 - 13) + "\n",
+             "schema/database.yaml": "tables: {}\n#" + "x" * (1024 - 13) + "\n"}
+    src = make_source(tmp_path / "src", files)
+    assert (src / "checks/post.yaml").stat().st_size == 512
+    raw = build_bundle(src, tmp_path / "b.zmb", [signed.key], 1).read_bytes()
+    for data in (raw, gz_member(raw), gz_member(raw, level=0)):
+        result = attempt(Signed(raw, signed.trust, signed.key, src, tmp_path), data,
+                         tmp_path / "p")
+        assert not isinstance(result, BundleRejected), result.message
+
+
 # -- 1. gzip: bounded work ---------------------------------------------------------------------
 
 @contextlib.contextmanager

@@ -343,6 +343,8 @@ class _Gunzip:
         _gzip_header(raw)
 
     def read(self, n: int) -> bytes:
+        if n <= 0:
+            return b""  # zlib's max_length 0 means no limit
         while not self._done:
             data = self._z.unconsumed_tail or self._in.chunk(GZIP_IN)
             try:

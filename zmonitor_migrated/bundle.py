@@ -22,6 +22,14 @@ Guarantees:
   is read whole during verification (no re-discovery of SQL contents). Policy (device,
   sequence, expiry, applied hashes) is ``verify.check_policy``, applied by the caller
   with the device state.
+- An incoming file (``receive``, ``private_copy``, ``verify_bundle``) is opened only if
+  it is a regular file, without following a symlink and without blocking on a fifo
+  (``archive.open_regular``). ``receive`` refuses a file no trusted key signed after
+  reading its manifest and signatures only, before copying it: an unsigned file of any
+  size costs about a MiB of reading and no disk space. A copy or extraction that does
+  not fit in the free space is refused before writing (``PrecheckFailed`` kind
+  ``disk-space``, exit 4) and a disk that fills up meanwhile leaves nothing behind. Every
+  read is bounded and preceded by the optional ``tick`` (the run's watchdog heartbeat).
 
 Example::
 

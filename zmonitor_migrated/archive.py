@@ -25,15 +25,6 @@ sequentially and guarantees:
    byte of a bundle that is interpreted can change unnoticed, and the only bytes not
    interpreted are header fields covered by the header checksum (mode, owner, times).
    Anything else unreadable is ``malformed`` (truncated, empty, random bytes, bad gzip).
-
-Why a reader of our own rather than ``tarfile.open(mode="r|*")``: ``tarfile`` reads pax
-and GNU long-name headers whole into memory whatever size they declare, accepts many
-legacy formats and lenient header encodings, and stream mode gives no hook to check a
-declared size before the data is consumed when skipping. The format we accept is tiny
-(512-byte headers, regular files only), so reading it directly is both shorter to audit
-and strictly bounded. Bundles are written uncompressed (``bundle.build``) for
-reproducibility; gzip is accepted for transports that compress.
-
 5. The file itself: it is opened without following a symlink, without blocking (a fifo
    swapped in for the bundle is refused, not waited on) and only after ``lstat`` says
    it is a regular file; ``fstat`` of the open descriptor must say the same file. A
@@ -63,6 +54,14 @@ reproducibility; gzip is accepted for transports that compress.
    ``PrecheckFailed`` kind ``disk-space`` (exit 4, the kind the rehearsal's space check
    uses): not the bundle's fault, nothing on the device was touched; the partial
    extraction is removed.
+
+Why a reader of our own rather than ``tarfile.open(mode="r|*")``: ``tarfile`` reads pax
+and GNU long-name headers whole into memory whatever size they declare, accepts many
+legacy formats and lenient header encodings, and stream mode gives no hook to check a
+declared size before the data is consumed when skipping. The format we accept is tiny
+(512-byte headers, regular files only), so reading it directly is both shorter to audit
+and strictly bounded. Bundles are written uncompressed (``bundle.build``) for
+reproducibility; gzip is accepted for transports that compress.
 
 Example::
 

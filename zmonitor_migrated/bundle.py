@@ -22,13 +22,21 @@ Guarantees:
   is read whole during verification (no re-discovery of SQL contents). Policy (device,
   sequence, expiry, applied hashes) is ``verify.check_policy``, applied by the caller
   with the device state.
+- An incoming file (``receive``, ``private_copy``, ``verify_bundle``) is opened only if
+  it is a regular file, without following a symlink and without blocking on a fifo
+  (``archive.open_regular``). ``receive`` refuses a file no trusted key signed after
+  reading its manifest and signatures only, before copying it: an unsigned file of any
+  size costs about a MiB of reading and no disk space. A copy or extraction that does
+  not fit in the free space is refused before writing (``PrecheckFailed`` kind
+  ``disk-space``, exit 4) and a disk that fills up meanwhile leaves nothing behind. Every
+  read is bounded and preceded by the optional ``tick`` (the run's watchdog heartbeat).
 
 Example::
 
     build(Path("bundles/zmonitor"), Path("out.zmb"), [Path("keys/release.key")], 7,
           created=now, expires=now + timedelta(days=90))
     sign(Path("out.zmb"), Path("keys/clinical.key"))
-    vb = verify_bundle(private_copy(Path("inbox/out.zmb"), work), trust,
+    vb = verify_bundle(receive(Path("inbox/out.zmb"), work, trust), trust,
                        extract_to=work / "payload", caps=Caps())
 """
 
@@ -39,7 +47,6 @@ import hashlib
 import io
 import os
 import re
-import stat
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -51,7 +58,18 @@ from typing import BinaryIO
 import yaml
 
 from . import sources
-from .archive import MANIFEST_NAME, SIGNATURES_NAME, Caps, extract_payload, open_bundle
+from .archive import (
+    MANIFEST_NAME,
+    SIGNATURES_NAME,
+    Caps,
+    Tick,
+    check_free_space,
+    extract_payload,
+    is_no_space,
+    no_space,
+    open_bundle,
+    open_regular,
+)
 from .errors import BundleRejected, LintFailed, UsageError
 from .fsutil import fsync_dir
 from .keys import load_private_key
@@ -66,7 +84,7 @@ from .verify import (
 )
 
 PAYLOAD_DIRS = ("migrations", "schema", "checks")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclass(frozen=True)
@@ -276,14 +294,15 @@ def sign(bundle: Path, key: Path, *, caps: Caps | None = None) -> tuple[str, ...
 # -- verify ------------------------------------------------------------------------------
 
 def verify_bundle(path: Path, trust: TrustStore, *, extract_to: Path,
-                  caps: Caps | None = None) -> VerifiedBundle:
-    """Full verification of one bundle file (use a ``private_copy``); no policy."""
+                  caps: Caps | None = None, tick: Tick | None = None) -> VerifiedBundle:
+    """Full verification of one bundle file (use a ``private_copy``); no policy.
+    ``tick`` is called between bounded reads (a watchdog ping)."""
     path = Path(path)
     caps = caps or Caps()
-    manifest_bytes, sig_bytes = open_bundle(path, caps)
+    manifest_bytes, sig_bytes = open_bundle(path, caps, tick)
     signed_by = verify_signatures(manifest_bytes, sig_bytes, trust)
     manifest = Manifest.from_json(manifest_bytes)
-    extract_payload(path, manifest, extract_to, caps)
+    extract_payload(path, manifest, extract_to, caps, tick)
     _check_payload_agrees(manifest, Path(extract_to))
     source = sources.Source(root=Path(extract_to), info=manifest.info,
                             migrations=manifest.migrations)
@@ -309,45 +328,75 @@ def _check_payload_agrees(manifest: Manifest, root: Path) -> None:
                                  kind="malformed")
 
 
-def private_copy(path: Path, dest_dir: Path, *, max_bytes: int | None = None) -> Path:
+def receive(path: Path, dest_dir: Path, trust: TrustStore, *, caps: Caps | None = None,
+            tick: Tick | None = None) -> Path:
+    """What a run does with an incoming bundle before verifying it: refuse a file that
+    no trusted key signed after reading at most its manifest and signatures, then take
+    the ``private_copy`` that verification and the run use.
+
+    So an unsigned file of any size up to the cap costs about a MiB of reading, no copy
+    and no disk space. The early check only ever refuses: the copy is verified in full
+    by ``verify_bundle`` (the file may change between the two)."""
+    caps = caps or Caps()
+    verify_signatures(*open_bundle(path, caps, tick), trust)
+    return private_copy(path, dest_dir, max_bytes=caps.read_limit, tick=tick)
+
+
+def private_copy(path: Path, dest_dir: Path, *, max_bytes: int | None = None,
+                 tick: Tick | None = None) -> Path:
     """Copy an incoming bundle into ``dest_dir`` (mode 0700) as ``<sha256>.zmb`` (0600).
 
     Verification and the run then use only the copy, so the sender cannot change the
-    file between verification and use. Symlinks and special files are refused."""
+    file between verification and use. Symlinks and special files are refused without
+    blocking (``archive.open_regular``). A copy that cannot fit in the free space of
+    ``dest_dir`` is refused before a byte is written, and a disk that fills up during the
+    copy removes the partial copy: both are ``PrecheckFailed`` kind ``disk-space`` (exit 4;
+    not the bundle's fault, the same bundle can be retried once there is space).
+    ``tick`` is called before each 1 MiB chunk."""
     path, dest_dir = Path(path), Path(dest_dir)
     dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise BundleRejected(f"cannot open incoming bundle {path}: {exc.strerror} (symlinks "
-                             "are refused; drop the file itself)", kind="malformed") from None
-    with os.fdopen(fd, "rb") as src:
-        st = os.fstat(src.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleRejected(f"{path} is not a regular file", kind="malformed")
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise BundleRejected(f"{path} is {st.st_size} bytes, over the {max_bytes} byte "
+    with open_regular(path) as src:
+        size = os.fstat(src.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise BundleRejected(f"{path} is {size} bytes, over the {max_bytes} byte "
                                  "cap", kind="too-large")
-        h = hashlib.sha256()
+        check_free_space(dest_dir, [size])
         tmp_fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=".incoming-")
         tmp = Path(tmp_name)
         try:
             with os.fdopen(tmp_fd, "wb") as dst:
-                copied = 0
-                while chunk := src.read(1024 * 1024):
-                    copied += len(chunk)
-                    if max_bytes is not None and copied > max_bytes:
-                        raise BundleRejected(f"{path} grew past the {max_bytes} byte cap "
-                                             "while being copied", kind="too-large")
-                    h.update(chunk)
-                    dst.write(chunk)
+                digest = _copy_bounded(path, src, dst, max_bytes, tick)
                 dst.flush()
                 os.fsync(dst.fileno())
-            final = dest_dir / f"{h.hexdigest()}.zmb"
+            final = dest_dir / f"{digest}.zmb"
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+            if is_no_space(exc):
+                raise no_space(dest_dir, size) from None
             raise
     fsync_dir(dest_dir)
     return final
+
+
+def _copy_bounded(path: Path, src: BinaryIO, dst: BinaryIO, max_bytes: int | None,
+                  tick: Tick | None) -> str:
+    h = hashlib.sha256()
+    copied = 0
+    while True:
+        if tick is not None:
+            tick()
+        try:
+            chunk = src.read(1024 * 1024)
+        except OSError as exc:
+            raise BundleRejected(f"{path} cannot be read ({exc.strerror}); get the bundle "
+                                 "again", kind="malformed") from None
+        if not chunk:
+            return h.hexdigest()
+        copied += len(chunk)
+        if max_bytes is not None and copied > max_bytes:
+            raise BundleRejected(f"{path} grew past the {max_bytes} byte cap while being "
+                                 "copied", kind="too-large")
+        h.update(chunk)
+        dst.write(chunk)

@@ -159,9 +159,11 @@ def rollback(config: Config, *, to: int, source_dir: Path | None, bundle: Path |
         _allow_unsigned(config, unsigned_source)
     used: list[Verified] = []
 
+    reporter = reporter or Reporter()
+
     def obtain(run_dir: Path) -> Verified:
         if bundle is not None:
-            used.append(_verify_only(config, bundle, run_dir))
+            used.append(_verify_only(config, bundle, run_dir, tick=reporter.heartbeat))
             return used[-1]
         assert source_dir is not None
         src = sources.load(source_dir)

@@ -570,19 +570,24 @@ def _classify(exc: BaseException) -> MigrateError:
 
 
 def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime, *,
-            record: bool = True, purpose: str = "apply") -> Verified:
-    """Private copy, then ``admission.admit``: full verification, device policy with the
-    anti-rollback floor (recorded here, before the rehearsal, unless ``record`` is off),
-    the payload's YAML. Raises BundleRejected, or AlreadyApplied for a no-op."""
+            record: bool = True, purpose: str = "apply",
+            tick: Callable[[], None] | None = None) -> Verified:
+    """Early signature check and private copy (``bundle.receive``), then
+    ``admission.admit``: full verification, device policy with the anti-rollback floor
+    (recorded here, before the rehearsal, unless ``record`` is off), the payload's YAML.
+    Raises BundleRejected, or AlreadyApplied for a no-op. ``tick`` (the watchdog
+    heartbeat) is called between bounded reads of the bundle."""
     from . import bundle as bundle_mod
     from .admission import admit
     from .archive import Caps
+    from .trust import TrustStore
     from .verify import Decision, Purpose
 
     caps = Caps.from_config(config)
-    private = bundle_mod.private_copy(Path(bundle_path), run_dir, max_bytes=caps.read_limit)
+    trust = TrustStore.from_config(config)
+    private = bundle_mod.receive(Path(bundle_path), run_dir, trust, caps=caps, tick=tick)
     adm = admit(config, private, extract_to=run_dir / "payload", now=now,
-                purpose=Purpose(purpose), record=record)
+                purpose=Purpose(purpose), record=record, trust=trust, tick=tick)
     vb = adm.bundle
     if adm.decision == Decision.ALREADY_APPLIED:
         raise AlreadyApplied(vb.manifest.name, vb.manifest.sequence)
@@ -592,11 +597,12 @@ def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime, *,
 
 
 def _verify_only(config: Config, bundle_path: Path, run_dir: Path,
-                 now: datetime | None = None) -> Verified:
+                 now: datetime | None = None,
+                 tick: Callable[[], None] | None = None) -> Verified:
     """For ``rollback --bundle``: the same admission as apply (signature, device type,
     anti-rollback floor, time, applied hashes, payload YAML), never "nothing to do"."""
     return _verify(config, bundle_path, run_dir, now or datetime.now(UTC),
-                   purpose="rollback")
+                   purpose="rollback", tick=tick)
 
 
 class AlreadyApplied(Exception):
@@ -617,9 +623,11 @@ def apply(bundle_path: Path, config: Config, *, services: ServiceManager | None 
         raise BundleRejected(f"bundle {bundle_path} does not exist or is not a file",
                              kind="malformed")
     clock = now or (lambda: datetime.now(UTC))
+    reporter = reporter or Reporter()
     # A dry run writes nothing, not even the anti-rollback floor.
     return drive(config, lambda run_dir: _verify(config, bundle_path, run_dir, clock(),
-                                                 record=not dry_run),
+                                                 record=not dry_run,
+                                                 tick=reporter.heartbeat),
                  label=str(bundle_path), services=services, reporter=reporter,
                  dry_run=dry_run, target=target, allow_long=allow_long, wait=wait,
                  stop_requested=stop_requested, now=clock)

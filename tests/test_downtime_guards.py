@@ -292,10 +292,10 @@ def test_a_write_lock_held_at_the_stop_is_refused_and_its_rows_kept(
     helpers.append(holder)
     holder.step()
     code, out, err = apply_json(dev, shipped_bundle)
-    holder.step()
-    holder.end()
     assert code == 5, err[-3000:]
     assert error_kind(out) == "database-locked"
+    holder.step()
+    holder.end()
     assert_old_and_whole(dev, ref, app=False)
     assert has_vitals_marker(dev.db, "GUARD-HELD")
 

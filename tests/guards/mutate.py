@@ -145,6 +145,14 @@ def run_tests(root: Path, tests: list[str], timeout: float) -> tuple[str, int | 
     return "done", proc.returncode, proc.stdout + proc.stderr
 
 
+def first_error_line(output: str) -> str:
+    """The first ``E`` line of pytest's report: why the test failed."""
+    for line in output.splitlines():
+        if line.startswith("E "):
+            return line[1:].strip()[:160]
+    return ""
+
+
 def first_failure(output: str) -> str:
     for line in output.splitlines():
         if line.startswith(("FAILED ", "ERROR ")):
@@ -175,7 +183,8 @@ def run_guard(guard: Guard, files: list[str], work: Path) -> Outcome:
     if code == 0:
         return Outcome(guard, "SURVIVED", seconds, tail[0])
     if code == 1:
-        return Outcome(guard, "KILLED", seconds, tail[0], first_failure(output))
+        return Outcome(guard, "KILLED", seconds, first_error_line(output) or tail[0],
+                       first_failure(output))
     return Outcome(guard, "ERROR", seconds, f"pytest exit {code}: {tail[0]}",
                    log=output.splitlines()[-30:])
 
@@ -239,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="UNCOVERED guards do not fail the check")
     ap.add_argument("--results", type=Path, help="write a markdown report here")
     ap.add_argument("--list", action="store_true", help="list the guards and exit")
+    ap.add_argument("-v", "--verbose", action="store_true",
+                    help="also print why each killing test failed")
     args = ap.parse_args(argv)
     guards = load()
     if args.list:
@@ -270,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             o = run_guard(g, files, work)
             print(f"{o.verdict:18} {g.id:42} {o.seconds:6.1f} s  {o.failed_test or o.detail}",
                   flush=True)
+            if args.verbose and o.verdict == "KILLED":
+                print(f"{'':18} {o.detail}", flush=True)
             for line in o.log:
                 print(f"    {line}", flush=True)
             return o

@@ -17,22 +17,34 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from . import __version__, cli_bundle, cli_schema
 from . import config as config_mod
+from .cli_args import (
+    Parser,
+    UsageFailure,
+    db_path,
+    dir_or_new,
+    existing_file,
+    int_range,
+    source_dir,
+    sqlite_file,
+)
 from .config import Config
-from .errors import MigrateError
+from .errors import MigrateError, UsageError
 from .progress import Reporter, default_sinks
+
+# A bigger sample takes minutes to build and gigabytes of disk: not a demo any more.
+DEMO_MAX_VITALS = 5_000_000
 
 
 def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
                         help="config file (default /etc/zmonitor-migrated/config.yaml, "
                              "or $ZMONITOR_MIGRATE_CONFIG)")
-    common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH", type=Path,
+    common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH", type=db_path,
                         help="database path, overriding the config")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print one JSON object on stdout and nothing else there")
@@ -83,9 +95,32 @@ def cmd_lint(args: argparse.Namespace, config: Config) -> int:
     return 3 if errors else 0
 
 
+def _preflight(config: Config) -> None:
+    """Configuration a run needs, checked before the run exists: a run that cannot start
+    creates no directory, journal or history entry (it would become the 'last run')."""
+    from .trust import TrustStore
+
+    TrustStore.from_config(config)  # ConfigError (exit 2) naming the trust directory
+
+
+def _check_rollback_target(config: Config, to: int) -> None:
+    from .dbinfo import version_of
+
+    version = version_of(config.database)
+    if version is None:
+        return  # no readable database: the run's pre-check reports it (exit 4)
+    if version == 0:
+        raise UsageError(f"--to {to}: {config.database} has no migration applied; there is "
+                         "nothing to roll back")
+    if to >= version:
+        raise UsageError(f"--to {to}: {config.database} is at version {version}; roll back "
+                         f"to a version below it (0 to {version - 1})")
+
+
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     from . import pipeline
 
+    _preflight(config)
     stop = StopFlag()
     stop.install()
     result = pipeline.apply(args.bundle, config, reporter=_reporter(args, config),
@@ -112,17 +147,10 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_history(args: argparse.Namespace, config: Config) -> int:
-    from .history import read
+    from .history import describe, read
 
     records = read(config.history_path)
-    lines = []
-    for r in records:
-        down = r.get("downtime_s")
-        lines.append(f"{r.get('run_id')}  {r.get('outcome'):15s} {r.get('bundle') or '-'}"
-                     f" seq {r.get('sequence') or '-'}  v{r.get('from_version')}→"
-                     f"v{r.get('to_version')}  downtime "
-                     f"{'-' if down is None else f'{down:.2f}s'}"
-                     + (f"  error: {r['error'].get('message')}" if r.get("error") else ""))
+    lines = [line for r in records for line in describe(r)]
     _print(args, {"ok": True, "runs": records}, lines or ["no runs yet"])
     return 0
 
@@ -160,6 +188,12 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     from .maintenance import rollback
 
+    if (args.source is None) == (args.bundle is None):
+        raise UsageError("rollback needs exactly one of --bundle B.zmb (verified first) or "
+                         "--source DIR (holding migrations/rollback/)")
+    _check_rollback_target(config, args.to)
+    if args.bundle is not None:
+        _preflight(config)
     result = rollback(config, to=args.to, source_dir=args.source, bundle=args.bundle,
                       wait=args.wait, reporter=_reporter(args, config))
     _print(args, result, [f"rolled back to version {args.to}: run {result['run_id']}"])
@@ -180,7 +214,7 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="zmonitor-migrate", parents=[common],
         description="Verify signed migration bundles and apply them to the Z Monitor "
                     "database safely: back up, migrate, validate, restore on any failure.")
@@ -189,21 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("lint", parents=[common], help="check a migration source")
-    p.add_argument("source", type=Path, metavar="SRC")
+    p.add_argument("source", type=source_dir, metavar="SRC")
     p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("apply", parents=[common], help="apply a signed bundle (one full run)")
-    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("bundle", type=existing_file, metavar="BUNDLE")
     p.add_argument("--dry-run", action="store_true",
                    help="verify, pre-check and rehearse only; print the plan")
-    p.add_argument("--target", type=int, metavar="N", help="stop at version N")
+    p.add_argument("--target", type=int_range(0), metavar="N", help="stop at version N")
     p.add_argument("--allow-long", action="store_true",
                    help="accept a downtime estimate above max_downtime_s")
     p.add_argument("--wait", action="store_true", help="wait for another run's lock")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("status", parents=[common], help="version, applied, pending, last run")
-    p.add_argument("--source", type=Path, metavar="SRC",
+    p.add_argument("--source", type=source_dir, metavar="SRC",
                    help="migration source to compute pending migrations against")
     p.set_defaults(func=cmd_status)
 
@@ -218,16 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("restore", parents=[common], help="put a backup back")
-    p.add_argument("backup", type=Path, nargs="?", metavar="BACKUP",
+    p.add_argument("backup", type=sqlite_file, nargs="?", metavar="BACKUP",
                    help="backup file (default: the newest, or the one of --run)")
     p.add_argument("--run", metavar="RUN_ID", help="restore the backup taken by this run")
     p.add_argument("--wait", action="store_true", help="wait for another run's lock")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("rollback", parents=[common], help="run rollback scripts down to N")
-    p.add_argument("--to", type=int, required=True, metavar="N")
-    p.add_argument("--source", type=Path, metavar="SRC", help="migration source directory")
-    p.add_argument("--bundle", type=Path, metavar="BUNDLE",
+    p.add_argument("--to", type=int_range(0), required=True, metavar="N",
+                   help="version to roll back to (below the current one)")
+    p.add_argument("--source", type=source_dir, metavar="SRC",
+                   help="migration source directory")
+    p.add_argument("--bundle", type=existing_file, metavar="BUNDLE",
                    help="signed bundle holding the rollback scripts (verified first)")
     p.add_argument("--wait", action="store_true", help="wait for another run's lock")
     p.set_defaults(func=cmd_rollback)
@@ -238,9 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common],
                        help="a full run on a sample database with a throw-away key")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="where to put the demo files (default: a new temporary directory)")
-    p.add_argument("--vitals", type=int, default=300_000, help="vitals rows in the sample DB")
+    p.add_argument("--workdir", type=dir_or_new, default=None,
+                   help="where to put the demo files, an empty or new directory (default: a "
+                        "new temporary directory)")
+    p.add_argument("--vitals", type=int_range(1, DEMO_MAX_VITALS), default=300_000,
+                   help=f"vitals rows in the sample DB (1 to {DEMO_MAX_VITALS:,})")
     p.set_defaults(func=cmd_demo)
 
     cli_bundle.register(sub, common)
@@ -250,12 +288,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:
+    except SystemExit as exc:  # --help and --version
         return int(exc.code or 0) if exc.code in (0, None) else 2
+    except UsageFailure as exc:
+        return _usage_failure(str(exc), as_json="--json" in argv)
     as_json = _json(args)
     try:
+        if as_json and getattr(args, "func", None) in _NO_JSON:
+            raise UsageError(f"{args.command} does not support --json: it prints a guided "
+                             "tour for a person (demo) or logs for journald (daemon); run it "
+                             "without --json")
         config = config_mod.load(getattr(args, "config", None))
         if getattr(args, "db", None):
             config = config.with_overrides(database=args.db.absolute())
@@ -275,6 +320,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print(f"zmonitor-migrate: internal error: {exc!r}", file=sys.stderr)
         return 1
+
+
+def _usage_failure(message: str, *, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"ok": False, "error": {"kind": "usage", "message": message,
+                                                 "exit_code": 2}}, sort_keys=True))
+    print(f"{message}\n(see '{message.split(':')[0]} --help')", file=sys.stderr)
+    return 2
+
+
+_NO_JSON = (cmd_demo, cmd_daemon)
 
 
 if __name__ == "__main__":

@@ -96,8 +96,6 @@ class LogSink:
             text = f"ALERT alert={event.alert} run={event.run_id} {event.message}"
         else:
             text = f"{event.phase}: {event.message}"
-            if event.batches:
-                text = f"{event.phase}: {event.status_line()} rows {event.rows}"
         print(f"<{prio}>{text}", file=self.stream, flush=True)
 
 

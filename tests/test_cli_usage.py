@@ -335,6 +335,23 @@ def test_reapply_after_rollback_tells_the_truth(device: Device, shipped_bundle: 
     assert names.index("received") < names.index("app_stopped") < names.index("committed")
 
 
+def test_rollback_without_bundle_uses_the_archived_bundle(device: Device,
+                                                         shipped_bundle: Path) -> None:
+    refused = device.cli("rollback", "--to", "5")
+    assert refused.returncode == 2 and "--bundle" in refused.stderr  # nothing applied yet
+    applied = json.loads(device.cli("apply", str(shipped_bundle), "--json", check=True).stdout)
+    archive = device.root / "state" / "archive"
+    archive.mkdir()
+    # What the daemon leaves after an applied run, next to a bundle that is not the one.
+    shutil.copy(shipped_bundle, archive / f"{applied['run_id']}-zmonitor-1.zmb")
+    (archive / "99999999T999999Z-junk.zmb").write_text("not a bundle")
+    proc = device.cli("rollback", "--to", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert "rolled back to version 12" in proc.stdout
+    status = json.loads(device.cli("status", "--json", check=True).stdout)
+    assert status["current_version"] == 12
+
+
 def test_status_lists_the_replaced_database_a_restore_kept(device: Device,
                                                            shipped_bundle: Path) -> None:
     device.cli("apply", str(shipped_bundle), check=True)

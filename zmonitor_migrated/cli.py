@@ -17,6 +17,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__, cli_bundle, cli_schema
@@ -117,6 +118,29 @@ def _check_rollback_target(config: Config, to: int) -> None:
                          f"to a version below it (0 to {version - 1})")
 
 
+def _archived_bundle(config: Config) -> Path:
+    """The bundle that was last applied to the database, as the daemon archived it
+    (``state_dir/archive/``): its rollback scripts are the ones that match the database.
+    Only its manifest is read here; the run verifies the whole bundle again."""
+    from .archive import Caps, open_bundle
+    from .device_state import device_state
+    from .verify import manifest_sha256
+
+    archive_dir = config.state_dir / "archive"
+    wanted = device_state(config.database).last_manifest_sha256
+    if wanted and archive_dir.is_dir():
+        caps = Caps.from_config(config)
+        for path in sorted(archive_dir.iterdir(), reverse=True):  # newest run id first
+            try:
+                if path.is_file() and manifest_sha256(open_bundle(path, caps)[0]) == wanted:
+                    return path
+            except (MigrateError, OSError):
+                continue  # not a readable bundle: not the one
+    raise UsageError(f"rollback needs --bundle B.zmb or --source DIR: no bundle in "
+                     f"{archive_dir} is the one last applied to {config.database} (only "
+                     "bundles the daemon applied from its inbox are archived)")
+
+
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     from . import pipeline
 
@@ -192,10 +216,12 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     from .maintenance import rollback
 
-    if (args.source is None) == (args.bundle is None):
+    if args.source is not None and args.bundle is not None:
         raise UsageError("rollback needs exactly one of --bundle B.zmb (verified first) or "
-                         "--source DIR (holding migrations/rollback/)")
+                         "--source DIR (holding migrations/rollback/), not both")
     _check_rollback_target(config, args.to)
+    if args.source is None and args.bundle is None:
+        args.bundle = _archived_bundle(config)
     if args.bundle is not None:
         _preflight(config)
     result = rollback(config, to=args.to, source_dir=args.source, bundle=args.bundle,
@@ -268,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", type=source_dir, metavar="SRC",
                    help="migration source directory")
     p.add_argument("--bundle", type=existing_file, metavar="BUNDLE",
-                   help="signed bundle holding the rollback scripts (verified first)")
+                   help="signed bundle holding the rollback scripts (verified first); "
+                        "default: the bundle last applied, from state_dir/archive/")
     p.add_argument("--wait", action="store_true", help="wait for another run's lock")
     p.set_defaults(func=cmd_rollback)
 

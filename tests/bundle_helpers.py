@@ -49,8 +49,12 @@ DEFAULT_FILES: dict[str, str] = {
     "migrations/rollback/0001_rollback.sql": "DROP TABLE patients;\n",
     "migrations/rollback/0002_rollback.sql": "ALTER TABLE patients DROP COLUMN mrn;\n",
     "migrations/rollback/0003_rollback.sql": "UPDATE patients SET mrn = NULL;\n",
+    # Valid for the device's parsers (lint and build refuse what the device would refuse):
+    # the schema after 0003, and one check.
     "schema/database.yaml": SPEC,
-    "checks/post.yaml": "[]\n",
+    "checks/post.yaml": ("- name: every_patient_has_an_mrn\n"
+                         "  sql: SELECT COUNT(*) FROM patients WHERE mrn IS NULL\n"
+                         "  expect: 0\n"),
 }
 
 

@@ -22,18 +22,31 @@ from typing import Any
 
 from . import __version__, cli_bundle, cli_schema
 from . import config as config_mod
+from .cli_args import (
+    Parser,
+    UsageFailure,
+    db_path,
+    dir_or_new,
+    existing_file,
+    int_range,
+    source_dir,
+    sqlite_file,
+)
 from .config import Config
-from .errors import MigrateError
+from .errors import MigrateError, UsageError
 from .progress import Reporter, default_sinks
 from .text import clean
 
+# A bigger sample takes minutes to build and gigabytes of disk: not a demo any more.
+DEMO_MAX_VITALS = 5_000_000
+
 
 def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
                         help="config file (default /etc/zmonitor-migrated/config.yaml, "
                              "or $ZMONITOR_MIGRATE_CONFIG)")
-    common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH", type=Path,
+    common.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH", type=db_path,
                         help="database path, overriding the config")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print one JSON object on stdout and nothing else there")
@@ -84,9 +97,55 @@ def cmd_lint(args: argparse.Namespace, config: Config) -> int:
     return 3 if errors else 0
 
 
+def _preflight(config: Config) -> None:
+    """Configuration a run needs, checked before the run exists: a run that cannot start
+    creates no directory, journal or history entry (it would become the 'last run')."""
+    from .trust import TrustStore
+
+    TrustStore.from_config(config)  # ConfigError (exit 2) naming the trust directory
+
+
+def _check_rollback_target(config: Config, to: int) -> None:
+    from .dbinfo import version_of
+
+    version = version_of(config.database)
+    if version is None:
+        return  # no readable database: the run's pre-check reports it (exit 4)
+    if version == 0:
+        raise UsageError(f"--to {to}: {config.database} has no migration applied; there is "
+                         "nothing to roll back")
+    if to >= version:
+        raise UsageError(f"--to {to}: {config.database} is at version {version}; roll back "
+                         f"to a version below it (0 to {version - 1})")
+
+
+def _archived_bundle(config: Config) -> Path:
+    """The bundle that was last applied to the database, as the daemon archived it
+    (``state_dir/archive/``): its rollback scripts are the ones that match the database.
+    Only its manifest is read here; the run verifies the whole bundle again."""
+    from .archive import Caps, open_bundle
+    from .device_state import device_state
+    from .verify import manifest_sha256
+
+    archive_dir = config.state_dir / "archive"
+    wanted = device_state(config.database).last_manifest_sha256
+    if wanted and archive_dir.is_dir():
+        caps = Caps.from_config(config)
+        for path in sorted(archive_dir.iterdir(), reverse=True):  # newest run id first
+            try:
+                if path.is_file() and manifest_sha256(open_bundle(path, caps)[0]) == wanted:
+                    return path
+            except (MigrateError, OSError):
+                continue  # not a readable bundle: not the one
+    raise UsageError(f"rollback needs --bundle B.zmb or --source DIR: no bundle in "
+                     f"{archive_dir} is the one last applied to {config.database} (only "
+                     "bundles the daemon applied from its inbox are archived)")
+
+
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     from . import pipeline
 
+    _preflight(config)
     stop = StopFlag()
     stop.install()
     result = pipeline.apply(args.bundle, config, reporter=_reporter(args, config),
@@ -142,8 +201,12 @@ def cmd_gate(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_restore(args: argparse.Namespace, config: Config) -> int:
-    from .maintenance import restore
+    from .maintenance import _pick_backup, restore
 
+    # Which backup, decided read-only before the lock is taken: an unknown --run or an
+    # empty backup dir is a usage error that creates nothing (restore decides again
+    # under the lock, after finishing any interrupted run).
+    _pick_backup(config, args.backup, args.run)
     path = restore(config, backup=args.backup, run_id=args.run, wait=args.wait,
                    reporter=_reporter(args, config))
     _print(args, {"ok": True, "restored": str(path)}, [f"restored {path}"])
@@ -153,6 +216,14 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
 def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     from .maintenance import rollback
 
+    if args.source is not None and args.bundle is not None:
+        raise UsageError("rollback needs exactly one of --bundle B.zmb (verified first) or "
+                         "--source DIR (holding migrations/rollback/), not both")
+    _check_rollback_target(config, args.to)
+    if args.source is None and args.bundle is None:
+        args.bundle = _archived_bundle(config)
+    if args.bundle is not None:
+        _preflight(config)
     result = rollback(config, to=args.to, source_dir=args.source, bundle=args.bundle,
                       unsigned_source=args.unsigned_source, wait=args.wait,
                       reporter=_reporter(args, config))
@@ -174,7 +245,7 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="zmonitor-migrate", parents=[common],
         description="Verify signed migration bundles and apply them to the Z Monitor "
                     "database safely: back up, migrate, validate, restore on any failure.")
@@ -183,21 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("lint", parents=[common], help="check a migration source")
-    p.add_argument("source", type=Path, metavar="SRC")
+    p.add_argument("source", type=source_dir, metavar="SRC")
     p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("apply", parents=[common], help="apply a signed bundle (one full run)")
-    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("bundle", type=existing_file, metavar="BUNDLE")
     p.add_argument("--dry-run", action="store_true",
                    help="verify, pre-check and rehearse only; print the plan")
-    p.add_argument("--target", type=int, metavar="N", help="stop at version N")
+    p.add_argument("--target", type=int_range(0), metavar="N", help="stop at version N")
     p.add_argument("--allow-long", action="store_true",
                    help="accept a downtime estimate above max_downtime_s")
     p.add_argument("--wait", action="store_true", help="wait for another run's lock")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("status", parents=[common], help="version, applied, pending, last run")
-    p.add_argument("--source", type=Path, metavar="SRC",
+    p.add_argument("--source", type=source_dir, metavar="SRC",
                    help="migration source to compute pending migrations against")
     p.set_defaults(func=cmd_status)
 
@@ -212,18 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("restore", parents=[common], help="put a backup back")
-    p.add_argument("backup", type=Path, nargs="?", metavar="BACKUP",
+    p.add_argument("backup", type=sqlite_file, nargs="?", metavar="BACKUP",
                    help="backup file (default: the newest, or the one of --run)")
     p.add_argument("--run", metavar="RUN_ID", help="restore the backup taken by this run")
     p.add_argument("--wait", action="store_true", help="wait for another run's lock")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("rollback", parents=[common], help="run rollback scripts down to N")
-    p.add_argument("--to", type=int, required=True, metavar="N")
-    p.add_argument("--bundle", type=Path, metavar="BUNDLE",
+    p.add_argument("--to", type=int_range(0), required=True, metavar="N",
+                   help="version to roll back to (below the current one)")
+    p.add_argument("--bundle", type=existing_file, metavar="BUNDLE",
                    help="signed bundle holding the rollback scripts (admitted like apply: "
-                        "signature, device type, anti-rollback, expiry)")
-    p.add_argument("--source", type=Path, metavar="SRC",
+                        "signature, device type, anti-rollback, expiry); default: the "
+                        "bundle last applied, from state_dir/archive/")
+    p.add_argument("--source", type=source_dir, metavar="SRC",
                    help="unsigned migration source directory (developer machines only: "
                         "needs --unsigned-source and allow_unsigned_source: true)")
     p.add_argument("--unsigned-source", action="store_true",
@@ -238,9 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", parents=[common],
                        help="a full run on a sample database with a throw-away key")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="where to put the demo files (default: a new temporary directory)")
-    p.add_argument("--vitals", type=int, default=300_000, help="vitals rows in the sample DB")
+    p.add_argument("--workdir", type=dir_or_new, default=None,
+                   help="where to put the demo files, an empty or new directory (default: a "
+                        "new temporary directory)")
+    p.add_argument("--vitals", type=int_range(1, DEMO_MAX_VITALS), default=300_000,
+                   help=f"vitals rows in the sample DB (1 to {DEMO_MAX_VITALS:,})")
     p.set_defaults(func=cmd_demo)
 
     cli_bundle.register(sub, common)
@@ -250,12 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:
+    except SystemExit as exc:  # --help and --version
         return int(exc.code or 0) if exc.code in (0, None) else 2
+    except UsageFailure as exc:
+        return _usage_failure(str(exc), as_json="--json" in argv)
     as_json = _json(args)
     try:
+        if as_json and getattr(args, "func", None) in _NO_JSON:
+            raise UsageError(f"{args.command} does not support --json: it prints a guided "
+                             "tour for a person (demo) or logs for journald (daemon); run it "
+                             "without --json")
         config = config_mod.load(getattr(args, "config", None))
         if getattr(args, "db", None):
             config = config.with_overrides(database=args.db.absolute())
@@ -275,6 +357,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print(f"zmonitor-migrate: internal error: {exc!r}", file=sys.stderr)
         return 1
+
+
+def _usage_failure(message: str, *, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"ok": False, "error": {"kind": "usage", "message": message,
+                                                 "exit_code": 2}}, sort_keys=True))
+    print(f"{message}\n(see '{message.split(':')[0]} --help')", file=sys.stderr)
+    return 2
+
+
+_NO_JSON = (cmd_demo, cmd_daemon)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from typing import Any
 from . import bundle as bundle_mod
 from .admission import Admitted, admit
 from .archive import Caps
+from .cli_args import existing_dir, existing_file, float_range, int_range, new_file, source_dir
 from .config import Config
 from .errors import UsageError
 from .keys import key_id, keygen, load_private_key, load_public_key
@@ -45,6 +46,7 @@ from .trust import TrustStore
 from .verify import Purpose, manifest_sha256
 
 DEFAULT_VALID_DAYS = 90
+MAX_VALID_DAYS = 3650  # a signed bundle valid for more than ten years is a mistake
 
 
 def register(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
@@ -65,17 +67,17 @@ def register(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
 
     build = actions.add_parser("build", parents=[common_parent],
                                help="lint a migration source and pack it into a signed bundle")
-    build.add_argument("src", metavar="SRC", type=Path, help="migration source directory")
-    build.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+    build.add_argument("src", metavar="SRC", type=source_dir, help="migration source directory")
+    build.add_argument("-o", "--output", required=True, type=new_file, metavar="OUT",
                        help="bundle file to write (.zmb)")
-    build.add_argument("--key", action="append", required=True, type=Path, dest="keys",
+    build.add_argument("--key", action="append", required=True, type=existing_file, dest="keys",
                        metavar="KEY", help="private key (NAME.key); repeat for more signers")
-    build.add_argument("--sequence", required=True, type=int, metavar="N",
+    build.add_argument("--sequence", required=True, type=int_range(1), metavar="N",
                        help="bundle sequence; must be above the last one a device applied")
     validity = build.add_mutually_exclusive_group()
     validity.add_argument("--expires", metavar="ISO", help="expiry time, e.g. "
                           "2026-01-31T00:00:00Z")
-    validity.add_argument("--valid-days", type=float, metavar="D",
+    validity.add_argument("--valid-days", type=float_range(0, MAX_VALID_DAYS), metavar="D",
                           help=f"expire D days after creation (default {DEFAULT_VALID_DAYS})")
     build.add_argument("--created", metavar="ISO", help="creation time (default "
                        "$SOURCE_DATE_EPOCH or now); fix it to rebuild byte-identically")
@@ -84,18 +86,18 @@ def register(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
 
     sign = actions.add_parser("sign", parents=[common_parent],
                               help="add a signature to an existing bundle")
-    sign.add_argument("bundle", metavar="BUNDLE", type=Path)
-    sign.add_argument("--key", required=True, type=Path, metavar="KEY",
+    sign.add_argument("bundle", metavar="BUNDLE", type=existing_file)
+    sign.add_argument("--key", required=True, type=existing_file, metavar="KEY",
                       help="private key (NAME.key) of the additional signer")
     _add_json(sign)
     sign.set_defaults(func=handle_sign)
 
     verify = actions.add_parser("verify", parents=[common_parent],
                                 help="verify a bundle fully, without side effects")
-    verify.add_argument("bundle", metavar="BUNDLE", type=Path)
-    verify.add_argument("--trust", type=Path, metavar="DIR", default=None,
+    verify.add_argument("bundle", metavar="BUNDLE", type=existing_file)
+    verify.add_argument("--trust", type=existing_dir, metavar="DIR", default=None,
                         help="directory of trusted .pub keys (default: config trust_dir)")
-    verify.add_argument("--threshold", type=int, metavar="K", default=None,
+    verify.add_argument("--threshold", type=int_range(1), metavar="K", default=None,
                         help="signatures required (default and minimum: config "
                              "signature_threshold)")
     _add_json(verify)

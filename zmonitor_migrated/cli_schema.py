@@ -20,7 +20,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from . import schema_spec
+from . import dbinfo, schema_spec
+from .cli_args import existing_file
 from .errors import UsageError
 
 EXIT_DIFFERENT = 4
@@ -36,13 +37,13 @@ def register(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
 
     ddl = actions.add_parser("ddl", parents=[common_parent],
                              help="print the CREATE TABLE / CREATE INDEX statements")
-    ddl.add_argument("spec", metavar="PATH", type=Path, help="a database.yaml")
+    ddl.add_argument("spec", metavar="PATH", type=existing_file, help="a database.yaml")
     ddl.set_defaults(func=handle_ddl)
 
     diff = actions.add_parser("diff", parents=[common_parent],
                               help="list differences between a database and database.yaml "
                                    "(exit 4 if any)")
-    diff.add_argument("spec", metavar="PATH", type=Path, help="a database.yaml")
+    diff.add_argument("spec", metavar="PATH", type=existing_file, help="a database.yaml")
     # The common options may already provide --db (DESIGN.md: every command takes it).
     with contextlib.suppress(argparse.ArgumentError):
         diff.add_argument("--db", type=Path, default=None,
@@ -74,13 +75,16 @@ def _database(args: argparse.Namespace, config: Any) -> Path:
 def handle_diff(args: argparse.Namespace, config: Any) -> int:
     spec = schema_spec.load_spec(args.spec)
     db = _database(args, config)
-    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+    # The one read-only opener: a plain mode=ro connect would leave -wal/-shm files,
+    # owned by us, beside a closed WAL database (the live one or a backup).
     try:
-        differences = schema_spec.diff(spec, schema_spec.live_schema(conn))
+        conn = dbinfo.open_ro(db)
+        try:
+            differences = schema_spec.diff(spec, schema_spec.live_schema(conn))
+        finally:
+            conn.close()
     except sqlite3.DatabaseError as exc:
         raise UsageError(f"{db}: cannot read the schema: {exc}") from None
-    finally:
-        conn.close()
     if getattr(args, "json", False):
         print(json.dumps({"ok": not differences, "spec": str(args.spec), "database": str(db),
                           "differences": differences}))

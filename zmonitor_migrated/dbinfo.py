@@ -66,8 +66,34 @@ def current_version(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
 
 
+def version_of(path: Path) -> int | None:
+    """The schema version of the database file at ``path``; None when there is no
+    readable SQLite database there (the caller's run reports that in its own terms)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        conn = open_ro(path)
+        try:
+            return int(current_version(conn))
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+
+
 def journal_mode(conn: sqlite3.Connection) -> str:
     return str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+
+def file_journal_mode(path: Path, conn: sqlite3.Connection) -> str:
+    """The journal mode of the file at ``path``, whichever way ``conn`` opened it.
+
+    An ``immutable=1`` connection (``open_ro`` of a closed WAL file) never uses the WAL
+    and answers ``delete`` to ``PRAGMA journal_mode``; the file header's read/write
+    version bytes (2 = WAL) are what the file really is."""
+    if closed_wal(Path(path)):
+        return "wal"
+    return journal_mode(conn)
 
 
 def file_size(path: Path) -> int:

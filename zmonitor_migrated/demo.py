@@ -2,7 +2,9 @@
 
 In a fresh work directory: a sample monitor database at version 10 with simulated
 patients and vitals, a simulated monitor writing vitals into it (the "app"), a
-throw-away signing key, the shipped ``bundles/zmonitor`` built and signed. Then:
+throw-away signing key, the shipped bundle source (package data, so it works from any
+install and any working directory; ``bundles/zmonitor`` in a checkout) built and signed.
+Then:
 
 1. a full run of the bundle (verify, rehearse, stop, back up, migrate, validate, swap,
    start, health gate), with progress;
@@ -25,6 +27,7 @@ import yaml
 from . import bundle, dbinfo, keys, pipeline, sources
 from .config import load
 from .errors import MigrateError
+from .history import describe, read, summary
 from .progress import Reporter, default_sinks
 from .sample import make_sample_db
 from .services import ProcessUnit
@@ -54,10 +57,14 @@ def _flip_payload_byte(src: Path, dst: Path) -> None:
 def run_demo(workdir: Path | None = None, vitals: int = 300_000) -> int:
     source_dir = default_source()
     if source_dir is None:
-        print("demo: the shipped bundle source bundles/zmonitor was not found",
+        print("demo: the shipped bundle source (package data zmonitor_migrated/data/bundles/"
+              "zmonitor) is missing from this installation; reinstall the package",
               file=sys.stderr)
         return 2
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="zmonitor-demo-"))
+    # Absolute: the config written below is read back with paths relative to its own
+    # directory, so a relative work dir would be applied twice (demo-work/demo-work/...).
+    work = (Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="zmonitor-demo-"))
+            ).absolute()
     work.mkdir(parents=True, exist_ok=True)
     if any(work.iterdir()):
         print(f"demo: {work} is not empty; pass an empty or new --workdir", file=sys.stderr)
@@ -96,17 +103,18 @@ def run_demo(workdir: Path | None = None, vitals: int = 300_000) -> int:
     try:
         _say("1. apply the signed bundle")
         result = pipeline.apply(good, config, services=monitor, reporter=reporter)
-        print(f"-> {result.outcome}: version {result.from_version} -> {result.to_version}, "
+        print(f"-> {result.outcome}: version {result.from_version} → {result.to_version}, "
               f"downtime {result.downtime_s:.2f} s (rehearsal estimate "
-              f"{result.estimate_s:.2f} s), backup {result.backup}")
+              f"{result.estimate_s:.2f} s)")
+        print(f"   backup (the untouched original, kept by a hard link): {result.backup}")
 
         _say("2. status and history")
         for line in render(collect(config, source_dir)):
             print(line)
-        from .history import read
+        print()
         for r in read(config.history_path):
-            print(f"run {r['run_id']}: {r['outcome']}, downtime {r.get('downtime_s')} s, "
-                  f"phases {r.get('phase_times')}")
+            for line in describe(r):
+                print(line)
 
         _say("3. a tampered bundle (one byte of a migration changed)")
         tampered = work / "zmonitor-1-tampered.zmb"
@@ -144,8 +152,7 @@ def run_demo(workdir: Path | None = None, vitals: int = 300_000) -> int:
               f"{monitor.is_active()}")
         _say("history")
         for r in read(config.history_path):
-            print(f"run {r['run_id']}: {r['outcome']}"
-                  + (f" ({r['error']['kind']})" if r.get("error") else ""))
+            print(summary(r) + (f" [{r['error']['kind']}]" if r.get("error") else ""))
         print(f"\nmetrics for node_exporter: {config.metrics_path}")
         print(f"demo files are in {work}")
         ok = version == 14 and monitor.is_active()

@@ -65,20 +65,93 @@ def _num(value: Any) -> float:
     return float(value)
 
 
-def render(records: list[dict[str, Any]]) -> list[str]:
-    """``zmonitor-migrate history``: one line per run, each field cleaned."""
-    lines = []
-    for r in records:
-        down = r.get("downtime_s")
-        err = r.get("error")
-        message = err.get("message") if isinstance(err, dict) else err
-        lines.append(clean(
-            f"{clean(r.get('run_id'))}  {clean(r.get('outcome')):15s} "
-            f"{clean(r.get('bundle') or '-')} seq {clean(r.get('sequence') or '-')}  "
-            f"v{clean(r.get('from_version'))}→v{clean(r.get('to_version'))}  downtime "
-            f"{f'{_num(down):.2f}s' if isinstance(down, int | float) else '-'}"
-            + (f"  error: {clean(message)}" if err else "")))
+# -- human text ---------------------------------------------------------------------------
+def _seconds(value: object) -> str:
+    return f"{value:.2f} s" if isinstance(value, int | float) else "-"
+
+
+def _size(value: object) -> str:
+    return f"{value / 1e6:.1f} MB" if isinstance(value, int | float) else "?"
+
+
+def _phases(times: object) -> str:
+    """Phase times in the order a run goes through them (the record stores a mapping,
+    which JSON sorts by name)."""
+    from .journal import Phase
+
+    if not isinstance(times, dict) or not times:
+        return ""
+    order = {p.value: i for i, p in enumerate(Phase)}
+    names = sorted(times, key=lambda n: (order.get(n, len(order)), n))
+    return ", ".join(f"{n} {_seconds(times[n])}" for n in names)
+
+
+def _count(value: object) -> str:
+    """A row count as read from a record that may have been edited by hand."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    return f"{value:,}" if ok else str(value)
+
+
+def _rows(before: object, after: object) -> str:
+    before = before if isinstance(before, dict) else {}
+    after = after if isinstance(after, dict) else {}
+    parts = []
+    for table in sorted(set(before) | set(after)):
+        b, a = before.get(table), after.get(table)
+        if a is None or a == b:
+            parts.append(f"{table} {_count(b)}")
+        else:
+            parts.append(f"{table} {_count(b)} → {_count(a)}")
+    return ", ".join(parts)
+
+
+def summary(r: dict[str, Any]) -> str:
+    """One line for a run: what ran, how it ended, the versions and the downtime."""
+    what = r.get("operation") or "apply"
+    if r.get("bundle"):
+        what = f"bundle {r['bundle']}" + (f" sequence {r['sequence']}"
+                                          if r.get("sequence") else "")
+    line = f"{r.get('run_id')}  {r.get('outcome')}  {what}"
+    if r.get("from_version") is not None and r.get("to_version") is not None:
+        line += f", version {r['from_version']} → {r['to_version']}"
+    if r.get("downtime_s") is not None:
+        line += f", downtime {_seconds(r['downtime_s'])}"
+    elif r.get("from_version") is not None:
+        line += ", app not stopped"
+    if r.get("duration_s") is not None:
+        line += f", took {_seconds(r['duration_s'])}"
+    return line
+
+
+def describe(r: dict[str, Any]) -> list[str]:
+    """A run for an operator: the summary, then phases in run order, database size and
+    rows before and after, the backup, the database a restore replaced, the error."""
+    lines = [summary(r)]
+    phases = _phases(r.get("phase_times"))
+    if phases:
+        lines.append(f"  phases: {phases}")
+    if r.get("db_size_before") is not None:
+        size = _size(r["db_size_before"])
+        if r.get("db_size_after") is not None:
+            size += f" → {_size(r['db_size_after'])}"
+        lines.append(f"  database size: {size}")
+    rows = _rows(r.get("rows_before"), r.get("rows_after"))
+    if rows:
+        lines.append(f"  rows: {rows}")
+    if r.get("backup"):
+        lines.append(f"  backup: {r['backup']}")
+    if r.get("replaced"):
+        lines.append(f"  replaced database kept: {r['replaced']}")
+    error = r.get("error")
+    if isinstance(error, dict):
+        lines.append(f"  error [{error.get('kind')}]: {error.get('message')}")
     return lines
+
+
+def render(records: list[dict[str, Any]]) -> list[str]:
+    """``zmonitor-migrate history``: each run described, every line cleaned (names and
+    messages in a record come from bundles and SQL errors)."""
+    return [clean(line) for r in records for line in describe(r)]
 
 
 def render_metrics(records: list[dict[str, Any]], *, current_version: int | None,

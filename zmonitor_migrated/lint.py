@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 
 from . import sqlscript
+from .lint_meta import lint_meta
 from .sources import Migration, Problem, Source, discover
 
 _REF = re.compile(r"REFERENCES\s+[\"`\[]?(\w+)", re.IGNORECASE)
@@ -160,6 +161,7 @@ def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
 
 def lint_source(root: Path) -> list[Problem]:
     source, problems = discover(root)
+    problems.extend(lint_meta(root))  # bundle.yaml keys, post.yaml, database.yaml
     children = fk_children(source)
     for mig in source.migrations:
         if mig.rollback is None:

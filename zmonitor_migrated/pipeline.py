@@ -54,7 +54,7 @@ from .errors import (
 from .journal import Journal, Phase
 from .lock import RunLock
 from .plan import Plan
-from .progress import Reporter
+from .progress import Reporter, format_duration
 from .services import ServiceManager, for_unit
 from .sources import Source
 
@@ -147,7 +147,12 @@ class Run:
             if p.done:
                 return
             if p.batches:
-                self.emit(phase, f"{p.path} batch {p.batch}/{p.batches}", version=p.version,
+                # "row changes": the sum over the migration's statements, which may touch
+                # the same row twice, so it is not a row count of the table.
+                self.emit(phase, f"{p.path} ({p.index}/{p.count}) batch {p.batch}/{p.batches} "
+                          f"{100.0 * p.batch / max(1, p.batches):.0f}% ETA "
+                          f"{format_duration(p.eta_s or 0.0)}, {p.rows:,} row changes",
+                          version=p.version,
                           batch=p.batch, batches=p.batches, rows=p.rows,
                           percent=100.0 * p.batch / max(1, p.batches), eta_s=p.eta_s)
             else:
@@ -273,7 +278,7 @@ class Run:
         estimate = time.monotonic() - t0
         # The real copy is a plain file copy, faster than the online backup; keep the
         # estimate conservative anyway (apply + validation dominate).
-        self.emit("rehearsal", f"rehearsal passed in {estimate:.2f} s (snapshot "
+        self.emit("rehearsal", f"passed in {estimate:.2f} s (snapshot "
                                f"{t_copy:.2f} s); estimated downtime {estimate:.2f} s")
         if estimate > cfg.max_downtime_s and not allow_long:
             raise PrecheckFailed(
@@ -378,6 +383,11 @@ class Run:
                   estimate_s=estimate)
         for line in the_plan.describe():
             self.emit("plan", line)
+        for m in the_plan.pending:  # the header's size is raised on the private copy
+            if m.batch and self.config.batch_size > m.batch.size and self.rollback_to is None:
+                self.emit("plan", f"  {m.version:04d} runs in batches of "
+                                  f"{self.config.batch_size:,} rows (batch_size in the config; "
+                                  f"size={m.batch.size} bounds batches on a live table)")
         if dry_run:
             result.outcome = "dry-run"
             return result
@@ -405,7 +415,8 @@ class Run:
         if not allow_long:
             self.deadline = self.t_stop + cfg.max_downtime_s
         try:
-            self.emit("app_stopped", f"stopping {self.services.name or '(no unit)'}")
+            self.emit("app_stopped", f"stopping {self.services.name}" if self.services.name
+                      else "no app unit configured (app_unit: null): nothing to stop")
             self.services.stop(cfg.stop_timeout_s, tick=self.reporter.heartbeat)
             mode = self.quiesce()
             version = the_plan.current
@@ -488,7 +499,8 @@ class Run:
             downtime = self.t_start - self.t_stop
             j.advance(Phase.APP_STARTED, downtime_s=downtime)
             result.downtime_s = round(downtime, 3)
-            self.emit("app_started", f"{self.services.name or '(no unit)'} started after "
+            self.emit("app_started", f"{self.services.name or 'no app unit'}"
+                                     f"{' started' if self.services.name else ''} after "
                                      f"{downtime:.2f} s downtime; health gate "
                                      f"{cfg.health_check_s:g} s")
             self.services.health_gate(cfg.health_check_s, tick=self.reporter.heartbeat)
@@ -590,6 +602,18 @@ def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime, *,
                 purpose=Purpose(purpose), record=record, trust=trust, tick=tick)
     vb = adm.bundle
     if adm.decision == Decision.ALREADY_APPLIED:
+        applied = adm.state.applied
+        pending = [m.version for m in vb.manifest.migrations if m.version not in applied]
+        if pending:  # rolled back since: "nothing to do" would be untrue
+            raise BundleRejected(
+                f"bundle {vb.manifest.name} sequence {vb.manifest.sequence} was applied "
+                f"before, but the database was rolled back since: version "
+                f"{max(applied, default=0)}, {len(pending)} migration(s) of this bundle pending "
+                f" ({', '.join(f'{v:04d}' for v in pending)}). A bundle is applied "
+                "once (anti-rollback); to re-apply, build the same source with a higher "
+                f"sequence ('zmonitor-migrate bundle build SRC -o NEW.zmb --key KEY "
+                f"--sequence {vb.manifest.sequence + 1}') and apply that bundle",
+                kind="rollback")
         raise AlreadyApplied(vb.manifest.name, vb.manifest.sequence)
     return Verified(name=vb.manifest.name, sequence=vb.manifest.sequence,
                     manifest_sha256=vb.manifest_sha256, source=vb.source,
@@ -678,8 +702,9 @@ def drive(config: Config, obtain: Callable[[Path], Verified], *, label: str,
                 result = RunResult(run_id=journal.run_id, outcome="up-to-date",
                                    bundle=done.name, sequence=done.sequence)
                 return result
-            reporter.emit("verified", f"{verified.name} sequence {verified.sequence} "
-                          "verified")
+            reporter.emit("verified", f"{verified.name} sequence {verified.sequence} verified"
+                          if verified.sequence else f"{verified.name}: source directory "
+                          "(unsigned, not verified)")
             result = run.execute(verified, dry_run=dry_run, target=target,
                                  allow_long=allow_long, run_dir=run_dir)
             if rollback_to is not None and result.outcome == "applied":

@@ -111,8 +111,6 @@ def log_text(event: Event) -> str:
     if event.alert:
         return (f"ALERT alert={token(event.alert)} run={token(event.run_id or '-')} "
                 f"msg={quoted(event.message, limit=MAX_LOG_CHARS)}")
-    if event.batches:
-        return f"{clean(event.phase)}: {event.status_line()} rows {event.rows}"
     return clean(f"{clean(event.phase)}: {clean(event.message)}", limit=MAX_LOG_CHARS)
 
 

@@ -6,6 +6,7 @@ messages come from the database and the bundle source."""
 from __future__ import annotations
 
 import sqlite3
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,16 @@ from .text import clean
 
 
 def default_source() -> Path | None:
-    """The shipped bundle source: in a checkout next to the package, else where the
-    Debian package installs it."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "bundles" / "zmonitor",
-                 Path("/usr/share/zmonitor-migrated/bundles/zmonitor")):
-        if (cand / "bundle.yaml").is_file():
-            return cand
+    """The shipped bundle source, which travels inside the package as package data
+    (``zmonitor_migrated/data/bundles/zmonitor``): found the same way from a checkout, an
+    editable install, a wheel, pipx or the .deb, whatever the working directory.
+
+    Only a package imported from the file system has a directory to hand out; a zipped
+    import (never how pip, pipx or the .deb install it) yields None and the caller says so.
+    """
+    shipped = resources.files(__package__) / "data" / "bundles" / "zmonitor"
+    if isinstance(shipped, Path) and (shipped / "bundle.yaml").is_file():
+        return shipped
     return None
 
 
@@ -41,7 +45,7 @@ def collect(config: Config, source: Path | None = None) -> dict[str, Any]:
             applied = read_applied(conn)
             info["current_version"] = max((r.version for r in applied), default=0)
             info["applied"] = [r.to_dict() for r in applied]
-            info["journal_mode"] = dbinfo.journal_mode(conn)
+            info["journal_mode"] = dbinfo.file_journal_mode(config.database, conn)
         finally:
             conn.close()
     except sqlite3.Error as exc:
@@ -64,6 +68,11 @@ def collect(config: Config, source: Path | None = None) -> dict[str, Any]:
     info["last_run"] = runs[-1] if runs else None
     info["backups"] = [str(b) for b in backups.list_backups(config.database,
                                                             config.backup_dir)]
+    # A restore keeps the database it replaced beside the backups: an operator who
+    # looks for lost rows must see them here.
+    info["replaced"] = [str(p) for p in backups.list_replaced(config.database,
+                                                              config.backup_dir,
+                                                              config.database.parent)]
     return info
 
 
@@ -87,9 +96,12 @@ def render(info: dict[str, Any]) -> list[str]:
         lines.append(f"journal: run {j['run_id']} {state}")
     last = info.get("last_run")
     if last:
-        lines.append(f"last run: {last.get('run_id')} {last.get('outcome')} "
-                     f"downtime {last.get('downtime_s')}")
+        lines.append(f"last run: {history.summary(last)}")
     lines.append(f"backups: {len(info['backups'])}")
     lines += [f"  {b}" for b in info["backups"]]
+    replaced = info.get("replaced") or []
+    if replaced:
+        lines.append(f"replaced databases kept by restores: {len(replaced)}")
+        lines += [f"  {p}" for p in replaced]
     # Descriptions, paths and messages come from the database and the bundle source.
     return [clean(line) for line in lines]

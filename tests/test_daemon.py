@@ -163,7 +163,8 @@ def test_daemon_inbox(device: Device, shipped_bundle: Path, tmp_path: Path,
         (inbox / ".hidden.zmb").write_bytes(shipped_bundle.read_bytes())
         (inbox / "coming.zmb.partial").write_bytes(shipped_bundle.read_bytes())
 
-        # Two bundles together: processed in sequence order, whatever their names.
+        # Two bundles together: processed in arrival order (mtime, then name), not by
+        # name, and neither is opened before its turn.
         b2 = build_variant(tmp_path / "v2" / "b2.zmb", release_key[0], 2,
                            edit=_noop_migration(15))
         b3 = build_variant(tmp_path / "v3" / "b3.zmb", release_key[0], 3,
@@ -171,8 +172,8 @@ def test_daemon_inbox(device: Device, shipped_bundle: Path, tmp_path: Path,
         part3, part2 = inbox / "a-seq3.zmb.partial", inbox / "z-seq2.zmb.partial"
         shutil.copyfile(b3, part3)
         shutil.copyfile(b2, part2)
-        for p in (part3, part2):
-            os.utime(p, (time.time() - 5, time.time() - 5))
+        os.utime(part2, (time.time() - 6, time.time() - 6))  # arrived first
+        os.utime(part3, (time.time() - 5, time.time() - 5))
         os.rename(part3, inbox / "a-seq3.zmb")
         os.rename(part2, inbox / "z-seq2.zmb")
         d.wait_for(lambda: len(archived(device)) == 4, label="two archived")
@@ -181,6 +182,15 @@ def test_daemon_inbox(device: Device, shipped_bundle: Path, tmp_path: Path,
         assert version(device.db) == 16
         assert sorted(p.name for p in inbox.iterdir()) == [".hidden.zmb", "coming.zmb.partial"]
         assert len(rejected(device)) == 2  # only the tampered one and its reason
+
+        # An older bundle arriving after a newer one was applied is refused as a
+        # rollback: every bundle carries the whole history, so it has nothing to add.
+        drop(b2, inbox, "late-seq2.zmb")
+        d.wait_for(lambda: "late-seq2.zmb.reason.json" in rejected(device), label="rollback")
+        reason = json.loads((device.root / "state" / "rejected" / "late-seq2.zmb.reason.json"
+                             ).read_text())
+        assert reason["kind"] == "rollback", reason
+        assert version(device.db) == 16
 
         code, err = d.terminate()
         assert code == 0, err

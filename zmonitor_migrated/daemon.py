@@ -484,6 +484,10 @@ def _reason(exc: MigrateError) -> dict[str, Any]:
 
 def _internal(exc: BaseException, path: Path) -> MigrateError:
     text = " ".join(str(exc).split())[:500]
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return MigrateError(f"no space left while handling {clean_name(path.name)} ({text}); "
+                            "free space in the state dir or send a smaller bundle, then drop "
+                            "it again", kind="no-space")
     return MigrateError(f"internal error while handling {clean_name(path.name)}: "
                         f"{type(exc).__name__}: {text}; the bundle is set aside, the daemon "
                         "goes on. Report this with the file", kind="internal")

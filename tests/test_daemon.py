@@ -324,10 +324,12 @@ def test_candidates_lstat_only_in_arrival_order(tmp_path: Path) -> None:
     # Arrival (mtime) order differs from name order and from creation order; a tie in
     # mtime goes by name.
     base = time.time() - 100
-    for name, t in (("c.zmb", base), ("d.zmb", base + 20), ("a.zmb", base + 30),
-                    ("b.zmb", base + 20)):
+    arrivals = {f"f{(i * 7) % 24:02d}.zmb": base + i // 2 for i in range(24)}
+    for name, t in arrivals.items():
         (inbox / name).write_bytes(b"x")
         os.utime(inbox / name, (t, t))
+    expected = sorted(arrivals, key=lambda n: (arrivals[n], n))
+    assert expected != sorted(arrivals) and expected != list(arrivals)
     (inbox / "link.zmb").symlink_to(outside)
     _settled(inbox / "link.zmb", 40)
     os.mkfifo(inbox / "pipe.zmb")
@@ -338,9 +340,9 @@ def test_candidates_lstat_only_in_arrival_order(tmp_path: Path) -> None:
     _put(inbox / "up.zmb.partial", 40)
     (inbox / "fresh.zmb").write_bytes(b"x")  # not settled yet
 
-    assert [p.name for p in candidates(inbox)] == ["c.zmb", "b.zmb", "d.zmb", "a.zmb"]
+    assert [p.name for p in candidates(inbox)] == expected
     kinds = {e.name: e.kind for e in scan_inbox(inbox)}
-    assert kinds == {"c.zmb": "file", "b.zmb": "file", "d.zmb": "file", "a.zmb": "file",
+    assert kinds == {**{n: "file" for n in arrivals},
                      "link.zmb": "symlink", "pipe.zmb": "fifo", "dir.zmb": "directory"}
     assert len(candidates(inbox, limit=2)) <= 2
     assert len(scan_inbox(inbox, limit=3)) == 3
@@ -408,6 +410,15 @@ def test_rejected_never_overwrites_earlier_evidence(tmp_path: Path) -> None:
         reason = json.loads(Path(summary["reason_file"]).read_text())
         assert reason["original_name"] == name and reason["kind"] == "malformed"
         assert Path(summary["reason_file"]).name == stored.name + REASON_SUFFIX
+    # A FIFO leaves only its reason file; a later regular file of the same name must
+    # not take that reason file's name.
+    os.mkfifo(inbox / "p")
+    _reject(inbox / "p", rej, exc)
+    fifo_reason = (rej / "p.reason.json").read_bytes()
+    (inbox / "p").write_bytes(b"regular")
+    summary = _reject(inbox / "p", rej, exc)
+    assert (rej / "p.reason.json").read_bytes() == fifo_reason
+    assert Path(summary["stored"]).name == "p.1"
     # No stored bundle is named like a reason file.
     reasons = {n for n in _stored(rej) if n.endswith(REASON_SUFFIX)}
     assert all(json.loads((rej / n).read_text())["kind"] == "malformed" for n in reasons)

@@ -546,10 +546,11 @@ def test_rejection_that_cannot_be_written_does_not_stop_the_loop(
     monkeypatch.setattr(pipeline, "apply", refuse)
     (entry,) = scan_inbox(inbox)
     summary = worker.handle(entry)  # type: ignore[attr-defined]
-    assert summary["outcome"] in ("rejected", "skipped")
-    # Set aside as a dotfile the scan ignores (or skipped for this daemon's life).
-    assert [e.name for e in scan_inbox(inbox)
-            if worker.handle(e)["outcome"] != "skipped"] == []  # type: ignore[attr-defined]
+    assert summary["outcome"] == "rejected"
+    # Set aside as a dotfile the scan ignores: kept, and never handled again.
+    aside = summary["kept_in_inbox_as"]
+    assert Path(aside).name.startswith(".rejected-") and Path(aside).read_bytes() == b"x"
+    assert scan_inbox(inbox) == []
 
 
 _DIE_WHILE_HANDLING = """

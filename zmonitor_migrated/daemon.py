@@ -397,9 +397,13 @@ def keep(path: Path, dest_dir: Path, base: str, *, reason: dict[str, Any] | None
     ``base`` (with ``<name>.reason.json`` first when ``reason`` is given), never
     replacing anything. Falls back to a dotfile in the inbox when ``dest_dir`` cannot
     take it. Returns where things went."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
     last_error: OSError | None = None
-    for name in _fresh_names(base):
+    try:
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        names = _fresh_names(base)
+    except OSError as exc:  # e.g. a file where the directory should be
+        last_error, names = exc, []
+    for name in names:
         dest = dest_dir / name
         reason_path = dest_dir / (name + REASON_SUFFIX)
         if os.path.lexists(dest) or (reason is not None and os.path.lexists(reason_path)):

@@ -29,9 +29,10 @@ already applied, to ``rejected/<name>`` with ``<name>.reason.json`` otherwise. B
 created exclusively: when either path exists, ``<name>`` becomes ``<name>.1``, ``.2``…,
 so no earlier evidence is ever replaced. ``<name>`` is the inbox name with anything not
 printable replaced by ``_``, cut to ``MAX_NAME_BYTES``; the original name is kept,
-escaped, in the reason file. When ``rejected/`` cannot take a file (another filesystem
-that is full), it stays in the inbox renamed to a dotfile (``.rejected-…``) that the
-daemon ignores, and the reason file says so.
+escaped, in the reason file. When ``rejected/`` (or ``archive/``) cannot take a file
+(another filesystem that is full, a file where the directory should be), it stays in the
+inbox renamed to a dotfile (``.rejected-…``, ``.applied-…``) that the daemon ignores, and
+the reason file, if it could be written, says so.
 
 Crash-loop breaker: before a file is handled, an attempt count for it is written
 durably to ``state_dir/inbox-attempts.json``; it is cleared when the handling returns

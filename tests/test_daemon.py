@@ -178,7 +178,8 @@ def test_daemon_inbox(device: Device, shipped_bundle: Path, tmp_path: Path,
         (inbox / ".hidden.zmb").write_bytes(shipped_bundle.read_bytes())
         (inbox / "coming.zmb.partial").write_bytes(shipped_bundle.read_bytes())
 
-        # Two bundles together: processed in sequence order, whatever their names.
+        # Two bundles together: processed in arrival order (mtime, then name), not by
+        # name, and neither is opened before its turn.
         b2 = build_variant(tmp_path / "v2" / "b2.zmb", release_key[0], 2,
                            edit=_noop_migration(15))
         b3 = build_variant(tmp_path / "v3" / "b3.zmb", release_key[0], 3,
@@ -186,8 +187,8 @@ def test_daemon_inbox(device: Device, shipped_bundle: Path, tmp_path: Path,
         part3, part2 = inbox / "a-seq3.zmb.partial", inbox / "z-seq2.zmb.partial"
         shutil.copyfile(b3, part3)
         shutil.copyfile(b2, part2)
-        for p in (part3, part2):
-            os.utime(p, (time.time() - 5, time.time() - 5))
+        os.utime(part2, (time.time() - 6, time.time() - 6))  # arrived first
+        os.utime(part3, (time.time() - 5, time.time() - 5))
         os.rename(part3, inbox / "a-seq3.zmb")
         os.rename(part2, inbox / "z-seq2.zmb")
         d.wait_for(lambda: len(archived(device)) == 4, label="two archived")
@@ -196,6 +197,15 @@ def test_daemon_inbox(device: Device, shipped_bundle: Path, tmp_path: Path,
         assert version(device.db) == 16
         assert sorted(p.name for p in inbox.iterdir()) == [".hidden.zmb", "coming.zmb.partial"]
         assert len(rejected(device)) == 2  # only the tampered one and its reason
+
+        # An older bundle arriving after a newer one was applied is refused as a
+        # rollback: every bundle carries the whole history, so it has nothing to add.
+        drop(b2, inbox, "late-seq2.zmb")
+        d.wait_for(lambda: "late-seq2.zmb.reason.json" in rejected(device), label="rollback")
+        reason = json.loads((device.root / "state" / "rejected" / "late-seq2.zmb.reason.json"
+                             ).read_text())
+        assert reason["kind"] == "rollback", reason
+        assert version(device.db) == 16
 
         code, err = d.terminate()
         assert code == 0, err
@@ -309,3 +319,334 @@ def test_daemon_recovers_and_stops_safely(tmp_path: Path, big_db_v10: Path,
         assert list(inbox.iterdir()) == []
     finally:
         dev.systemctl("stop", "zmonitor.service")
+
+
+# -- units: the inbox listing, rejected/ names, the attempt records -----------------------
+
+def _settled(path: Path, age: float) -> Path:
+    t = time.time() - age
+    os.utime(path, (t, t), follow_symlinks=False)
+    return path
+
+
+def _put(path: Path, age: float) -> Path:
+    path.write_bytes(b"x")
+    return _settled(path, age)
+
+
+def test_candidates_lstat_only_in_arrival_order(tmp_path: Path) -> None:
+    from zmonitor_migrated.daemon import candidates, scan_inbox
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    outside = tmp_path / "outside.zmb"
+    outside.write_bytes(b"x")
+    # Arrival (mtime) order differs from name order and from creation order; a tie in
+    # mtime goes by name.
+    base = time.time() - 100
+    arrivals = {f"f{(i * 7) % 24:02d}.zmb": base + i // 2 for i in range(24)}
+    for name, t in arrivals.items():
+        (inbox / name).write_bytes(b"x")
+        os.utime(inbox / name, (t, t))
+    expected = sorted(arrivals, key=lambda n: (arrivals[n], n))
+    assert expected != sorted(arrivals) and expected != list(arrivals)
+    (inbox / "link.zmb").symlink_to(outside)
+    _settled(inbox / "link.zmb", 40)
+    os.mkfifo(inbox / "pipe.zmb")
+    _settled(inbox / "pipe.zmb", 40)
+    (inbox / "dir.zmb").mkdir()
+    _settled(inbox / "dir.zmb", 40)
+    _put(inbox / ".hidden.zmb", 40)
+    _put(inbox / "up.zmb.partial", 40)
+    (inbox / "fresh.zmb").write_bytes(b"x")  # not settled yet
+
+    assert [p.name for p in candidates(inbox)] == expected
+    kinds = {e.name: e.kind for e in scan_inbox(inbox)}
+    assert kinds == {**{n: "file" for n in arrivals},
+                     "link.zmb": "symlink", "pipe.zmb": "fifo", "dir.zmb": "directory"}
+    assert len(candidates(inbox, limit=2)) <= 2
+    assert len(scan_inbox(inbox, limit=3)) == 3
+
+
+def test_candidates_survive_entries_vanishing(tmp_path: Path) -> None:
+    """Files appear and disappear as fast as possible while the inbox is listed: no
+    listing fails, none returns a file that never existed."""
+    from zmonitor_migrated.daemon import candidates
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    old = time.time() - 60
+    stop = threading.Event()
+
+    def churn(prefix: str) -> None:
+        i = 0
+        while not stop.is_set():
+            p = inbox / f"v{prefix}{i % 64}.zmb"
+            p.write_bytes(b"x")
+            os.utime(p, (old, old))
+            p.unlink()
+            i += 1
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in "ab"]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 3
+        listings = 0
+        while time.monotonic() < deadline:
+            for p in candidates(inbox):
+                assert p.name.startswith("v")
+            listings += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert listings > 10
+
+
+def _stored(rejected_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in rejected_dir.iterdir()}
+
+
+def test_rejected_never_overwrites_earlier_evidence(tmp_path: Path) -> None:
+    from zmonitor_migrated.daemon import REASON_SUFFIX, _reject
+    from zmonitor_migrated.errors import BundleRejected
+
+    inbox, rej = tmp_path / "inbox", tmp_path / "rejected"
+    inbox.mkdir()
+    exc = BundleRejected("bad", kind="malformed")
+    for name, data in (("first.reason.json", b"one"), ("first", b"two"), ("first", b"three"),
+                       ("first.1", b"four")):
+        (inbox / name).write_bytes(data)
+        before = _stored(rej) if rej.exists() else {}
+        summary = _reject(inbox / name, rej, exc)
+        assert summary["outcome"] == "rejected"
+        after = _stored(rej)
+        for k, v in before.items():  # nothing earlier changed or vanished
+            assert after[k] == v, k
+        assert len(after) == len(before) + 2
+        stored = Path(summary["stored"])
+        assert stored.read_bytes() == data
+        reason = json.loads(Path(summary["reason_file"]).read_text())
+        assert reason["original_name"] == name and reason["kind"] == "malformed"
+        assert Path(summary["reason_file"]).name == stored.name + REASON_SUFFIX
+    # A FIFO leaves only its reason file; a later regular file of the same name must
+    # not take that reason file's name.
+    os.mkfifo(inbox / "p")
+    _reject(inbox / "p", rej, exc)
+    fifo_reason = (rej / "p.reason.json").read_bytes()
+    (inbox / "p").write_bytes(b"regular")
+    summary = _reject(inbox / "p", rej, exc)
+    assert (rej / "p.reason.json").read_bytes() == fifo_reason
+    assert Path(summary["stored"]).name == "p.1"
+    # No stored bundle is named like a reason file.
+    reasons = {n for n in _stored(rej) if n.endswith(REASON_SUFFIX)}
+    assert all(json.loads((rej / n).read_text())["kind"] == "malformed" for n in reasons)
+
+
+def test_rejected_names_are_cleaned_and_fit(tmp_path: Path) -> None:
+    from zmonitor_migrated.daemon import _reject, escape_name
+    from zmonitor_migrated.errors import BundleRejected
+
+    inbox, rej = tmp_path / "inbox", tmp_path / "rejected"
+    inbox.mkdir()
+    names = ["a\nWATCHDOG=1\nb.zmb", os.fsdecode(b"x\xff\x01y.zmb"), "n" * 255,
+             ".dot\tname", "\u2028sep.zmb"]
+    for name in names:
+        (inbox / name).write_bytes(b"data")
+        summary = _reject(inbox / name, rej, BundleRejected("bad"))
+        stored = Path(summary["stored"])
+        assert stored.name.isprintable() and not stored.name.startswith(".")
+        assert len(os.fsencode(stored.name + ".reason.json")) <= 255
+        reason = json.loads(Path(summary["reason_file"]).read_text())
+        assert reason["original_name"] == escape_name(name)
+        assert bytes.fromhex(reason["original_name_hex"]) == os.fsencode(name)
+    assert sorted(os.listdir(inbox)) == []
+
+
+def test_rejected_symlink_is_moved_not_followed(tmp_path: Path) -> None:
+    from zmonitor_migrated.daemon import _reject
+    from zmonitor_migrated.errors import BundleRejected
+
+    inbox, rej = tmp_path / "inbox", tmp_path / "rejected"
+    inbox.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"secret")
+    (inbox / "l.zmb").symlink_to(secret)
+    summary = _reject(inbox / "l.zmb", rej, BundleRejected("bad"))
+    stored = Path(summary["stored"])
+    assert stored.is_symlink() and os.readlink(stored) == str(secret)
+    assert os.stat(secret).st_nlink == 1  # not hard-linked through the symlink
+
+
+def test_rejected_across_filesystems_is_an_exclusive_copy(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    import errno as errno_mod
+
+    from zmonitor_migrated import daemon as daemon_mod
+    from zmonitor_migrated.errors import BundleRejected
+
+    inbox, rej = tmp_path / "inbox", tmp_path / "rejected"
+    inbox.mkdir()
+    real_link = os.link
+
+    def no_cross_link(src: object, dst: object, **kw: object) -> None:
+        if Path(str(dst)).parent == rej and not Path(str(dst)).name.endswith(".reason.json"):
+            raise OSError(errno_mod.EXDEV, "Invalid cross-device link")
+        real_link(src, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(daemon_mod.os, "link", no_cross_link)
+    rej.mkdir()
+    (rej / "b.zmb").write_bytes(b"earlier")
+    (inbox / "b.zmb").write_bytes(b"later")
+    summary = daemon_mod._reject(inbox / "b.zmb", rej, BundleRejected("bad"))
+    assert Path(summary["stored"]).name == "b.zmb.1"
+    assert (rej / "b.zmb").read_bytes() == b"earlier"
+    assert (rej / "b.zmb.1").read_bytes() == b"later"
+    assert not (inbox / "b.zmb").exists()
+
+
+def _worker(tmp_path: Path) -> tuple[object, Path]:
+    from zmonitor_migrated import config as config_mod
+    from zmonitor_migrated.daemon import InboxWorker, _Stop
+    from zmonitor_migrated.progress import Reporter
+
+    cfg = config_mod.from_mapping({
+        "database": str(tmp_path / "db.sqlite"), "state_dir": str(tmp_path / "state"),
+        "inbox": str(tmp_path / "inbox"), "trust_dir": str(tmp_path / "trust"),
+        "runtime_dir": str(tmp_path / "run"), "backup_dir": str(tmp_path / "backups")})
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    return InboxWorker(cfg, Reporter([]), _Stop(), lambda: None), tmp_path / "inbox"
+
+
+def test_any_error_of_one_bundle_is_its_rejection(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from zmonitor_migrated import pipeline
+    from zmonitor_migrated.daemon import scan_inbox
+
+    worker, inbox = _worker(tmp_path)
+    for name in ("boom.zmb", "recursion.zmb"):
+        _put(inbox / name, 10)
+
+    def explode(path: Path, *_a: object, **_k: object) -> None:
+        if path.name == "boom.zmb":
+            raise RuntimeError("kaboom\nsecond line")
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(pipeline, "apply", explode)
+    for entry in scan_inbox(inbox):
+        summary = worker.handle(entry)  # type: ignore[attr-defined]
+        assert summary["outcome"] == "rejected", summary
+        reason = summary["reason"]
+        assert reason["kind"] == "internal"
+        assert "Traceback" not in reason["message"] and "\n" not in reason["message"]
+    rej = tmp_path / "state" / "rejected"
+    boom = json.loads((rej / "boom.zmb.reason.json").read_text())
+    assert "RuntimeError: kaboom second line" in boom["message"]
+    assert "RecursionError" in json.loads((rej / "recursion.zmb.reason.json").read_text()
+                                          )["message"]
+    assert os.listdir(inbox) == []
+
+
+def test_rejection_that_cannot_be_written_does_not_stop_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zmonitor_migrated import pipeline
+    from zmonitor_migrated.daemon import scan_inbox
+    from zmonitor_migrated.errors import BundleRejected
+
+    worker, inbox = _worker(tmp_path)
+    (tmp_path / "state" / "rejected").write_text("a file where rejected/ should be")
+    _put(inbox / "a.zmb", 10)
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise BundleRejected("bad", kind="malformed")
+
+    monkeypatch.setattr(pipeline, "apply", refuse)
+    (entry,) = scan_inbox(inbox)
+    summary = worker.handle(entry)  # type: ignore[attr-defined]
+    assert summary["outcome"] == "rejected"
+    # Set aside as a dotfile the scan ignores: kept, and never handled again.
+    aside = summary["kept_in_inbox_as"]
+    assert Path(aside).name.startswith(".rejected-") and Path(aside).read_bytes() == b"x"
+    assert scan_inbox(inbox) == []
+
+
+_DIE_WHILE_HANDLING = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_daemon import _worker
+from zmonitor_migrated import pipeline
+from zmonitor_migrated.daemon import scan_inbox
+worker, inbox = _worker(Path({root!r}))
+pipeline.apply = lambda *a, **k: os._exit(9)  # the process dies mid-bundle
+for entry in scan_inbox(inbox):
+    worker.handle(entry)
+"""
+
+
+def test_attempt_records_break_a_crash_loop(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle whose handling kills the process (a real os._exit in a child) is
+    attempted MAX_ATTEMPTS times, then rejected without touching the pipeline."""
+    from zmonitor_migrated import pipeline
+    from zmonitor_migrated.daemon import ATTEMPTS_FILE, MAX_ATTEMPTS, Attempts, scan_inbox
+
+    worker, inbox = _worker(tmp_path)
+    _put(inbox / "killer.zmb", 10)
+    script = _DIE_WHILE_HANDLING.format(tests=str(Path(__file__).parent), root=str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)
+           + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    (entry,) = scan_inbox(inbox)
+    for n in range(1, MAX_ATTEMPTS + 1):
+        child = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                               text=True, timeout=60)
+        assert child.returncode == 9, child.stderr
+        assert Attempts(tmp_path / "state" / ATTEMPTS_FILE, inbox).count(entry) == n
+        assert (inbox / "killer.zmb").exists()
+
+    def must_not_run(*_a: object, **_k: object) -> None:
+        raise AssertionError("the pipeline ran a third time")
+
+    monkeypatch.setattr(pipeline, "apply", must_not_run)
+    worker, _ = _worker(tmp_path)  # a new daemon start
+    summary = worker.handle(entry)  # type: ignore[attr-defined]
+    assert summary["outcome"] == "rejected"
+    assert summary["reason"]["kind"] == "repeated-interruption"
+    assert f"interrupted the daemon {MAX_ATTEMPTS} times" in summary["reason"]["message"]
+    assert Attempts(tmp_path / "state" / ATTEMPTS_FILE, inbox).records == []
+
+
+def test_attempt_record_cleared_when_handling_returns(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from zmonitor_migrated import pipeline
+    from zmonitor_migrated.daemon import ATTEMPTS_FILE, Attempts, scan_inbox
+    from zmonitor_migrated.errors import MigrateError
+
+    worker, inbox = _worker(tmp_path)
+    _put(inbox / "a.zmb", 10)
+    seen: list[int] = []
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        seen.append(Attempts(tmp_path / "state" / ATTEMPTS_FILE, inbox).count(entry))
+        worker.stop.requested = True  # type: ignore[attr-defined]
+        raise MigrateError("SIGTERM", kind="interrupted")
+
+    monkeypatch.setattr(pipeline, "apply", interrupted)
+    (entry,) = scan_inbox(inbox)
+    for _ in range(3):  # SIGTERM is not the file's fault: never counts up
+        assert worker.handle(entry)["outcome"] == "interrupted"  # type: ignore[attr-defined]
+    assert seen == [1, 1, 1]  # durable before the pipeline started, cleared after
+    assert Attempts(tmp_path / "state" / ATTEMPTS_FILE, inbox).count(entry) == 0
+
+
+def test_idle_wait_inside_the_watchdog_interval() -> None:
+    from zmonitor_migrated.daemon import IDLE_WAKE_S, idle_wait_s
+
+    assert idle_wait_s({}) == IDLE_WAKE_S
+    assert idle_wait_s({"WATCHDOG_USEC": "6000000"}) == 1.5
+    assert idle_wait_s({"WATCHDOG_USEC": "60000000"}) == IDLE_WAKE_S
+    assert idle_wait_s({"WATCHDOG_USEC": "6000000", "WATCHDOG_PID": "1"}) == IDLE_WAKE_S
+    assert idle_wait_s({"WATCHDOG_USEC": "junk"}) == IDLE_WAKE_S

@@ -22,7 +22,9 @@ Discovery reads files but decides nothing about a database; ``plan`` does that.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,15 +156,102 @@ def describe(slug: str) -> str:
     return slug.replace("_", " ").strip().capitalize()
 
 
+# bundle.yaml holds a name, an app, a few device types and a sentence: a few hundred bytes.
+# Its bounds keep the parse of a hostile one short (the YAML parser is not linear in every
+# input) and keep the recursive composer far from the stack's end.
+MAX_INFO_BYTES = 64 * 1024
+MAX_YAML_DEPTH = 32
+MAX_YAML_EVENTS = 10_000
+_SCALAR_TYPES = (str, int, float, bool)
+
+
+def _yaml_loader() -> type:
+    """libyaml's safe loader when present (fast on large input), else PyYAML's own."""
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # type: ignore[no-any-return]
+
+
+def _refuse(path: Path, problem: str) -> BundleRejected:
+    return BundleRejected(f"{path} {problem}; fix the file and rebuild the bundle",
+                          kind="malformed")
+
+
+def _check_yaml_shape(text: str, path: Path, max_depth: int, max_events: int) -> None:
+    """Walk the parser's events (iterative, no tree built) before anything is composed:
+    refuses deep nesting (the composer recurses once per level; libyaml's overflows the C
+    stack), aliases (exponential expansion), more than one document and too many
+    nodes, each as soon as it is seen."""
+    depth = 0
+    documents = 0
+    for count, event in enumerate(yaml.parse(text, Loader=_yaml_loader()), start=1):
+        if count > max_events:
+            raise _refuse(path, f"has more than {max_events} YAML nodes")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > max_depth:
+                raise _refuse(path, f"nests deeper than {max_depth} levels")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        elif isinstance(event, yaml.AliasEvent):
+            raise _refuse(path, "uses a YAML alias (*name); write the value out")
+        elif isinstance(event, yaml.DocumentStartEvent):
+            documents += 1
+            if documents > 1:
+                raise _refuse(path, "holds more than one YAML document")
+
+
+def load_yaml_bounded(path: Path, *, max_bytes: int = MAX_INFO_BYTES,
+                      max_depth: int = MAX_YAML_DEPTH,
+                      max_events: int = MAX_YAML_EVENTS) -> object:
+    """Parse a YAML file from an untrusted source. Every way it can fail (missing, too
+    big, not UTF-8, not YAML, too deep, a value the constructor cannot build) is a
+    ``BundleRejected`` naming the file; nothing else escapes."""
+    try:
+        # O_NONBLOCK: a FIFO in a source directory must not hang the reader.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _refuse(path, f"cannot be opened ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise _refuse(path, "is not a regular file")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise _refuse(path, f"cannot be read ({exc.strerror})") from None
+    if len(data) > max_bytes:
+        raise BundleRejected(f"{path} is over {max_bytes} bytes; it holds a few fields, "
+                             "rebuild the bundle with a smaller one", kind="too-large")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _refuse(path, f"is not UTF-8 (byte {exc.start})") from None
+    try:
+        _check_yaml_shape(text, path, max_depth, max_events)
+        return yaml.load(text, Loader=_yaml_loader())  # a safe loader: plain data only
+    except BundleRejected:
+        raise
+    except yaml.YAMLError as exc:
+        raise _refuse(path, f"is not valid YAML: {_short(exc)}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+        # The safe constructor still raises these for hostile scalars (a date of month
+        # 13, an int over Python's digit limit, an unhashable key).
+        raise _refuse(path, f"cannot be read as YAML: {type(exc).__name__}: "
+                      f"{_short(exc)}") from None
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())  # parser messages span lines; a reason is one line
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def load_info(root: Path) -> BundleInfo:
     path = root / "bundle.yaml"
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml_bounded(path) or {}
     except FileNotFoundError:
         raise BundleRejected(f"{path} is missing; a migration source needs bundle.yaml "
                              "with name, app and device_types") from None
-    except yaml.YAMLError as exc:
-        raise BundleRejected(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise BundleRejected(f"{path} must be a mapping")
     name, app, types = raw.get("name"), raw.get("app", "zmonitor"), raw.get("device_types")
@@ -170,8 +259,13 @@ def load_info(root: Path) -> BundleInfo:
         raise BundleRejected(f"{path}: 'name' must be a word of letters, digits, '.', '_', '-'")
     if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
         raise BundleRejected(f"{path}: 'device_types' must be a non-empty list of strings")
+    description = raw.get("description", "")
+    for key, value in (("app", app), ("description", description)):
+        if value is not None and not isinstance(value, _SCALAR_TYPES):
+            raise BundleRejected(f"{path}: '{key}' must be a single value, not a "
+                                 f"{type(value).__name__}")
     return BundleInfo(name=name, app=str(app), device_types=tuple(types),
-                      description=str(raw.get("description", "")))
+                      description=str(description))
 
 
 def discover(root: Path) -> tuple[Source, list[Problem]]:

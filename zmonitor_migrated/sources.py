@@ -28,8 +28,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from . import yamlsafe
 from .errors import BundleRejected
 
 KINDS = ("schema", "data", "seed")
@@ -165,38 +164,9 @@ MAX_YAML_EVENTS = 10_000
 _SCALAR_TYPES = (str, int, float, bool)
 
 
-def _yaml_loader() -> type:
-    """libyaml's safe loader when present (fast on large input), else PyYAML's own."""
-    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # type: ignore[no-any-return]
-
-
 def _refuse(path: Path, problem: str) -> BundleRejected:
     return BundleRejected(f"{path} {problem}; fix the file and rebuild the bundle",
                           kind="malformed")
-
-
-def _check_yaml_shape(text: str, path: Path, max_depth: int, max_events: int) -> None:
-    """Walk the parser's events (iterative, no tree built) before anything is composed:
-    refuses deep nesting (the composer recurses once per level; libyaml's overflows the C
-    stack), aliases (exponential expansion), more than one document and too many
-    nodes, each as soon as it is seen."""
-    depth = 0
-    documents = 0
-    for count, event in enumerate(yaml.parse(text, Loader=_yaml_loader()), start=1):
-        if count > max_events:
-            raise _refuse(path, f"has more than {max_events} YAML nodes")
-        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
-            depth += 1
-            if depth > max_depth:
-                raise _refuse(path, f"nests deeper than {max_depth} levels")
-        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
-            depth -= 1
-        elif isinstance(event, yaml.AliasEvent):
-            raise _refuse(path, "uses a YAML alias (*name); write the value out")
-        elif isinstance(event, yaml.DocumentStartEvent):
-            documents += 1
-            if documents > 1:
-                raise _refuse(path, "holds more than one YAML document")
 
 
 def load_yaml_bounded(path: Path, *, max_bytes: int = MAX_INFO_BYTES,
@@ -226,23 +196,7 @@ def load_yaml_bounded(path: Path, *, max_bytes: int = MAX_INFO_BYTES,
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _refuse(path, f"is not UTF-8 (byte {exc.start})") from None
-    try:
-        _check_yaml_shape(text, path, max_depth, max_events)
-        return yaml.load(text, Loader=_yaml_loader())  # a safe loader: plain data only
-    except BundleRejected:
-        raise
-    except yaml.YAMLError as exc:
-        raise _refuse(path, f"is not valid YAML: {_short(exc)}") from None
-    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
-        # The safe constructor still raises these for hostile scalars (a date of month
-        # 13, an int over Python's digit limit, an unhashable key).
-        raise _refuse(path, f"cannot be read as YAML: {type(exc).__name__}: "
-                      f"{_short(exc)}") from None
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split())  # parser messages span lines; a reason is one line
-    return text if len(text) <= limit else text[:limit] + "..."
+    return yamlsafe.parse(text, path, max_depth=max_depth, max_events=max_events)
 
 
 def load_info(root: Path) -> BundleInfo:

@@ -542,3 +542,24 @@ def test_the_floor_is_only_ever_raised_and_written_atomically(tmp_path: Path) ->
     assert sorted(p.name for p in state.iterdir()) == [FLOOR_FILE]  # no temp file left
     assert read_floor(tmp_path / "nowhere") is None
     assert Floor().describe() == "no bundle accepted yet"
+
+
+def test_the_daemon_seeds_the_floor_at_start(tmp_path: Path) -> None:
+    """A package upgrade leaves no floor file: the daemon writes it from the database at
+    start, before any inbox file is looked at, so the floor never starts at zero."""
+    from zmonitor_migrated import daemon
+    from zmonitor_migrated.config import from_mapping
+    from zmonitor_migrated.progress import Reporter
+
+    db = tmp_path / "monitor.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE zmonitor_migrated_bundles (sequence INTEGER, "
+                     "manifest_sha256 TEXT)")
+        conn.execute("INSERT INTO zmonitor_migrated_bundles VALUES (7, ?)", ("ab" * 32,))
+    conn.close()
+    config = from_mapping({"database": str(db), "state_dir": str(tmp_path / "state")})
+    (tmp_path / "state").mkdir()
+    assert read_floor(tmp_path / "state") is None
+    daemon._seed_floor(config, Reporter([]))
+    floor = read_floor(tmp_path / "state")
+    assert floor is not None and floor.sequence == 7

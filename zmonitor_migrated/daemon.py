@@ -677,6 +677,20 @@ class _Waker:
         os.close(self.w)
 
 
+def _seed_floor(config: Config, reporter: Reporter) -> None:
+    """After a package upgrade the anti-rollback floor may not exist yet: seed it from
+    the database before any bundle is looked at, so the floor never starts lower than
+    what the device already accepted. A failure here is reported, not fatal: every run
+    seeds (or refuses) again under its own lock."""
+    from .device_state import device_state, seed_floor
+
+    try:
+        seed_floor(config.state_dir, device_state(config.database))
+    except MigrateError as exc:
+        reporter.emit("idle", f"anti-rollback floor not seeded at start: {exc.message}",
+                      level="warning")
+
+
 def run_daemon(config: Config) -> int:
     from .trust import TrustStore
 
@@ -699,6 +713,7 @@ def run_daemon(config: Config) -> int:
     services = for_unit(config.app_unit, config.systemctl)
     with RunLock(config.lock_path, wait=True):
         outcome = recover(config, services=services, reporter=reporter)
+        _seed_floor(config, reporter)
     remove_stale_temps(config.state_dir / "rejected")  # a reason file's, if killed mid-write
     reporter.emit("idle", f"ready; watching {config.inbox}"
                   + (f" (recovered: {outcome})" if outcome else ""))

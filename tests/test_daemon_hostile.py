@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -303,11 +304,11 @@ def test_hostile_inbox_corpus(device: Device, shipped_bundle: Path, tmp_path: Pa
         assert "STOPPING=1" in d.lines()
         gaps = d.watchdog_gaps()
         assert gaps and max(gaps) <= WATCHDOG_S / 2, f"longest watchdog gap {max(gaps):.2f} s"
-        # Every line of every datagram is a key we send. STATUS= text is escaped by the
-        # progress sinks (another change); today it holds only cleaned names, so the
-        # newline name cannot inject a key. Tighten to the exact STATUS grammar once the
-        # sink escaping is merged.
-        bad = [line for line in d.lines() if not line.startswith(ALLOWED_KEYS)]
+        # Every line of every datagram is exactly a key we send, STATUS= text included:
+        # a name with newlines and "WATCHDOG=trigger" in it cannot add a line.
+        grammar = re.compile(r"READY=1|STOPPING=1|WATCHDOG=1|EXTEND_TIMEOUT_USEC=\d+"
+                             r"|MAINPID=\d+|STATUS=[^\x00-\x1f\x7f-\x9f\u2028\u2029]*")
+        bad = [line for line in d.lines() if not grammar.fullmatch(line)]
         assert not bad, bad
         assert "WATCHDOG=trigger" not in d.lines()
         assert b"Traceback" not in d.stderr

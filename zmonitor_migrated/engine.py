@@ -42,7 +42,7 @@ from .plan import AppliedRow, Plan, plan, rollback_plan
 from .sources import Migration, Source
 
 BATCH_TABLE = "zmonitor_migrated_batch"
-SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (
+SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS main.schema_version (
     version INTEGER PRIMARY KEY,
     applied_at TEXT NOT NULL,
     description TEXT,
@@ -51,7 +51,7 @@ SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (
     execution_time_ms INTEGER,
     applied_by TEXT DEFAULT 'migrate.py'
 )"""
-BATCH_DDL = f"""CREATE TABLE IF NOT EXISTS {BATCH_TABLE} (
+BATCH_DDL = f"""CREATE TABLE IF NOT EXISTS main.{BATCH_TABLE} (
     version INTEGER PRIMARY KEY,
     next_rowid INTEGER NOT NULL,
     max_rowid INTEGER NOT NULL,
@@ -465,13 +465,14 @@ class Engine:
         if not self._has_table(BATCH_TABLE):
             return None
         row = self.conn.execute(
-            f"SELECT batches_done, batches_total FROM {BATCH_TABLE} WHERE version=?",
+            f"SELECT batches_done, batches_total FROM main.{BATCH_TABLE} WHERE version=?",
             (version,)).fetchone()
         return (row[0], row[1]) if row else None
 
     def _has_table(self, name: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
-                                 (name,)).fetchone() is not None
+        return self.conn.execute(
+            "SELECT 1 FROM main.sqlite_master WHERE type='table' AND name=?",
+            (name,)).fetchone() is not None
 
     # -- applying -------------------------------------------------------------------
     def apply(self, source: Source, *, target: int | None = None,
@@ -501,7 +502,7 @@ class Engine:
         undo = rollback_plan(source.migrations, self.applied(), to)
         if self._has_table(BATCH_TABLE):
             half = self.conn.execute(
-                f"SELECT version, batches_done, batches_total FROM {BATCH_TABLE} "
+                f"SELECT version, batches_done, batches_total FROM main.{BATCH_TABLE} "
                 "ORDER BY version").fetchone()
             if half is not None:
                 # Its committed batches have no version row, so no rollback script would
@@ -517,7 +518,7 @@ class Engine:
             self._run_transaction(
                 mig.rollback, mig.version, source.text(mig.rollback),
                 after=lambda v=mig.version: self.conn.execute(
-                    "DELETE FROM schema_version WHERE version=?", (v,)))
+                    "DELETE FROM main.schema_version WHERE version=?", (v,)))
             undone.append(mig.version)
         return undone
 
@@ -541,7 +542,7 @@ class Engine:
     def _record_version(self, mig: Migration, started: float, elapsed_ms: int = 0) -> None:
         ms = elapsed_ms + int((time.perf_counter() - started) * 1000)
         self.conn.execute(
-            "INSERT INTO schema_version (version, applied_at, description, migration_type, "
+            "INSERT INTO main.schema_version (version, applied_at, description, migration_type, "
             "file_hash, execution_time_ms, applied_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (mig.version, _now(), mig.description, mig.kind, mig.sha256, ms, self.applied_by))
 
@@ -649,7 +650,7 @@ class Engine:
         if not self._has_table("sqlite_sequence"):
             return {}
         return {name: seq for name, seq in
-                self.conn.execute("SELECT name, seq FROM sqlite_sequence")
+                self.conn.execute("SELECT name, seq FROM main.sqlite_sequence")
                 if isinstance(name, str) and isinstance(seq, int)}
 
     def _keep_sequences(self, before: dict[str, int]) -> None:
@@ -659,15 +660,15 @@ class Engine:
         sequence back to at least what it was."""
         for name, seq in before.items():
             row = self.conn.execute(
-                "SELECT sql FROM sqlite_master WHERE type='table' AND name=?",
+                "SELECT sql FROM main.sqlite_master WHERE type='table' AND name=?",
                 (name,)).fetchone()
             if row is None or "AUTOINCREMENT" not in (row[0] or "").upper():
                 continue  # dropped for good, or no longer AUTOINCREMENT
             cur = self.conn.execute(
-                "UPDATE sqlite_sequence SET seq=? WHERE name=? AND seq<?", (seq, name, seq))
+                "UPDATE main.sqlite_sequence SET seq=? WHERE name=? AND seq<?", (seq, name, seq))
             if cur.rowcount == 0 and self.conn.execute(
-                    "SELECT 1 FROM sqlite_sequence WHERE name=?", (name,)).fetchone() is None:
-                self.conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
+                    "SELECT 1 FROM main.sqlite_sequence WHERE name=?", (name,)).fetchone() is None:
+                self.conn.execute("INSERT INTO main.sqlite_sequence (name, seq) VALUES (?, ?)",
                                   (name, seq))
 
     def _run_transaction(self, path: str, version: int, text: str,
@@ -703,7 +704,7 @@ class Engine:
         statements = self._statements(mig.path, mig.version, text)
         row = self.conn.execute(
             f"SELECT next_rowid, max_rowid, batches_done, batches_total, rows_changed, "
-            f"elapsed_ms, file_hash FROM {BATCH_TABLE} WHERE version=?",
+            f"elapsed_ms, file_hash FROM main.{BATCH_TABLE} WHERE version=?",
             (mig.version,)).fetchone()
         state: tuple[int, int, int, int, int, int] | None = None
         if row is not None:
@@ -720,7 +721,7 @@ class Engine:
             with self._transaction():
                 try:
                     lo, hi = self.conn.execute(
-                        f'SELECT min(rowid), max(rowid) FROM "{table}"').fetchone()
+                        f'SELECT min(rowid), max(rowid) FROM main.{_quote(table)}').fetchone()
                 except sqlite3.Error as exc:
                     raise MigrationSqlError(mig.path, 1, f"batch table {table!r}: {exc}",
                                             version=mig.version) from None
@@ -729,8 +730,8 @@ class Engine:
                 total = max(0, (hi - lo) // size + 1) if hi >= lo else 0
                 state = (lo, hi, 0, total, 0, 0)
                 self.conn.execute(
-                    f"INSERT INTO {BATCH_TABLE} (version, next_rowid, max_rowid, batches_done, "
-                    f"batches_total, rows_changed, elapsed_ms, file_hash) "
+                    f"INSERT INTO main.{BATCH_TABLE} (version, next_rowid, max_rowid, "
+                    f"batches_done, batches_total, rows_changed, elapsed_ms, file_hash) "
                     f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (mig.version, *state, mig.sha256))
         self._check_batched(mig, statements)
         next_rowid, max_rowid, batches_done, total, rows_changed, elapsed_ms = state
@@ -758,7 +759,7 @@ class Engine:
                                           version=mig.version, code="batch-bounds")
                         changed += n
                     self.conn.execute(
-                        f"UPDATE {BATCH_TABLE} SET next_rowid=?, batches_done=?, "
+                        f"UPDATE main.{BATCH_TABLE} SET next_rowid=?, batches_done=?, "
                         f"rows_changed=?, elapsed_ms=? WHERE version=?",
                         (end + 1, batches_done + 1, rows_changed + changed,
                          elapsed_ms + int((time.perf_counter() - run_started) * 1000),
@@ -773,7 +774,7 @@ class Engine:
                     rows=rows_changed, eta_s=per_batch * (total - batches_done)))
             with self._transaction():
                 self._record_version(mig, run_started, elapsed_ms)
-                self.conn.execute(f"DELETE FROM {BATCH_TABLE} WHERE version=?", (mig.version,))
+                self.conn.execute(f"DELETE FROM main.{BATCH_TABLE} WHERE version=?", (mig.version,))
         finally:
             self.conn.execute(f"PRAGMA foreign_keys={int(fk_before)}")
         self.on_progress(Progress(mig.version, mig.path, index, count, batch=batches_done,

@@ -71,7 +71,7 @@ SLOW_RUN_S = 300.0  # seed section 13: "migration takes > 5 minutes"
 # --allow-long LONG_REHEARSAL_FACTOR ×; with --allow-long the downtime may take
 # LONG_DOWNTIME_FACTOR × the rehearsal's measured time + LONG_DOWNTIME_SLACK_S.
 REHEARSAL_FACTOR = 3.0
-REHEARSAL_SLACK_S = 10.0
+REHEARSAL_SLACK_S = 5.0
 LONG_REHEARSAL_FACTOR = 10.0
 LONG_DOWNTIME_FACTOR = 3.0
 LONG_DOWNTIME_SLACK_S = 30.0

@@ -193,6 +193,12 @@ class MigrationAuthorizer:
                                           "real tables for the rest of the connection); use a "
                                           "regular table and DROP it at the end")
         if action in _SCHEMA_ACTIONS:
+            if (db or "").lower() == "temp":  # CREATE TABLE temp.x is no CREATE_TEMP_TABLE
+                return _Denial("temp-object", f"{_SCHEMA_ACTIONS[action]} temp.{arg1}{via}: "
+                                              "TEMP objects are not allowed in a migration "
+                                              "(they would shadow real tables for the rest "
+                                              "of the connection); use a regular table and "
+                                              "DROP it at the end")
             if is_bookkeeping(arg1) or is_bookkeeping(arg2):
                 return _Denial("bookkeeping", f"{_SCHEMA_ACTIONS[action]} {arg1}"
                                               f"{' ON ' + arg2 if arg2 else ''}{via} touches "
@@ -702,6 +708,7 @@ class Engine:
         table, size = mig.batch.table, mig.batch.size
         size = max(size, self.min_batch)
         statements = self._statements(mig.path, mig.version, text)
+        self._check_batched(mig, statements)  # before anything is recorded
         row = self.conn.execute(
             f"SELECT next_rowid, max_rowid, batches_done, batches_total, rows_changed, "
             f"elapsed_ms, file_hash FROM main.{BATCH_TABLE} WHERE version=?",
@@ -733,7 +740,6 @@ class Engine:
                     f"INSERT INTO main.{BATCH_TABLE} (version, next_rowid, max_rowid, "
                     f"batches_done, batches_total, rows_changed, elapsed_ms, file_hash) "
                     f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (mig.version, *state, mig.sha256))
-        self._check_batched(mig, statements)
         next_rowid, max_rowid, batches_done, total, rows_changed, elapsed_ms = state
         fk_before = self.conn.execute("PRAGMA foreign_keys").fetchone()[0]
         self.conn.execute("PRAGMA foreign_keys=ON")

@@ -562,15 +562,17 @@ def test_cli_post_check_looping_in_the_rehearsal_is_too_slow(
 def test_cli_post_check_looping_only_in_the_real_run_is_restored_within_the_budget(
         device: Device, tmp_path: Path, release_key: tuple[Path, Path],
         attacker: None) -> None:
-    """The rehearsal never writes zmonitor_migrated_bundles; the real run does, and this
-    check loops for ever once that table exists."""
+    """The rehearsal never writes zmonitor_migrated_bundles; the real run does, and these
+    checks loop for ever once that table exists. Two of them, so that both validation
+    connections (the caller's and the helper thread's) get one."""
     budget = 8.0
     device.set_config(max_downtime_s=budget)
     bundle = hostile_bundle(tmp_path, release_key[0], checks=[{
-        "name": "only_after_the_stop", "expect": 1,
+        "name": f"only_after_the_stop_{i}", "expect": 1,
         "sql": "SELECT COUNT(*) FROM (WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL "
                "SELECT n + 1 FROM r WHERE EXISTS (SELECT 1 FROM sqlite_master "
-               "WHERE name = 'zmonitor_migrated_bundles')) SELECT n FROM r)"}])
+               f"WHERE name = 'zmonitor_migrated_bundles')) SELECT n + {i} FROM r)"}
+        for i in (1, 2)])
     proc = run_refused(device, bundle, code=5)
     assert "only_after_the_stop" in proc.stderr and "max_downtime_s=8" in proc.stderr
     [record] = device.history()

@@ -18,8 +18,49 @@ Guarantees:
   finished in ``zmonitor_migrated_batch``, so a killed process resumes after the last
   committed batch and never runs one twice. Batches run with foreign keys enforced,
   because batched migrations are pure DML (lint refuses DDL in them).
-- An authorizer denies ATTACH, DETACH, extension loading, PRAGMAs that change state and
-  transaction control inside migration SQL.
+- Migration SQL (migrations and rollbacks alike) runs under ``MigrationAuthorizer``, an
+  allow-list: a signed migration may be wrong, or signed with a stolen key, and must not
+  crash the runner, fool the validation or reach the runner's bookkeeping. Refused, each
+  with a ``Refusal`` naming the statement's line and what was refused:
+
+  * functions other than the reviewed SQLite core functions (``SAFE_FUNCTIONS``: scalar,
+    aggregate, window, date/time, math, JSON). ``fts3_tokenizer`` (its two-argument form
+    hands SQLite a function pointer: a SIGSEGV in a root process; its one-argument form
+    leaks an address), ``load_extension`` (never), FTS/R-tree helpers, ``sqlite_log``
+    and anything unknown are refused by name;
+  * TEMP objects (``CREATE TEMP …``, ``CREATE TABLE temp.x``, any write to the temp
+    schema). Decision: a migration may not create them at all. A TEMP table shadows the
+    main table of the same name for every unqualified name on that connection (a ``TEMP
+    vitals`` copy made a migration that emptied ``main.vitals`` look valid); a migration
+    that needs scratch space creates a regular table and drops it at the end;
+  * virtual tables (``CREATE VIRTUAL TABLE … USING module``: native code parsing the
+    migration's arguments), named by module;
+  * ATTACH, DETACH, transaction control, PRAGMAs other than read-only introspection;
+  * the runner's bookkeeping (``schema_version``, ``zmonitor_migrated_*``: version rows,
+    batch progress, applied bundles): any INSERT/UPDATE/DELETE, DROP, ALTER, CREATE
+    INDEX/TRIGGER/TABLE/VIEW on them, however qualified, quoted or cased (SQLite hands
+    the authorizer the canonical name and database), directly or from a trigger;
+  * anything else the authorizer does not know.
+
+  The runner's own statements run with no authorizer (it is set per migration statement
+  and removed after it; setting it expires every cached statement, so nothing compiled
+  under one is reused under the other) and name ``main.`` explicitly. Two checks cover
+  what an authorizer cannot see at the statement that causes it: after each migration
+  every new or changed trigger is compiled (by compiling, not running, an INSERT, UPDATE
+  and DELETE of its table) under the same authorizer, because it will run later on the
+  app's connection; and the schema rows of the bookkeeping tables must be unchanged
+  (``ALTER TABLE x RENAME TO zmonitor_migrated_bundles`` shows the authorizer only
+  ``x``).
+- A batch header must mean what it says. Before a batched migration records anything,
+  each statement is compiled under a recording authorizer: it must write the declared
+  table and no other (directly), be an UPDATE or DELETE of it, use ``:batch_start`` and
+  ``:batch_end``, and, compiled with its target ``NOT INDEXED``, be planned as a rowid
+  range search of the table (``rowid>? AND rowid<?``), which SQLite only does when the
+  WHERE clause bounds the rowid from both sides. While the batches run, a statement that
+  changes more rows than the batch's rowid range holds is refused (bounds written as
+  constants instead of the parameters). Lint runs the same checks on a scratch database.
+- A statement interrupted by a progress handler (the caller's deadline, see ``watch``)
+  raises ``Interrupted`` naming the file and line.
 - ``should_stop`` is polled between migrations and between batches (the safe points);
   when it returns true the runner raises ``Interrupted`` with the database consistent.
 """

@@ -664,6 +664,11 @@ class Engine:
         table and only inside the batch's rowid range (checked from what SQLite compiles,
         before the first batch runs: in the rehearsal, before the app is stopped)."""
         assert mig.batch is not None
+        try:  # the walk itself needs the table and its rowid
+            self.conn.execute(f"SELECT rowid FROM main.{_quote(mig.batch.table)} LIMIT 0")
+        except sqlite3.Error as exc:
+            raise MigrationSqlError(mig.path, 1, f"batch table {mig.batch.table!r}: {exc}",
+                                    version=mig.version) from None
         bounds = {"batch_start": 0, "batch_end": 0}
         for stmt in statements:
             rec = _Recorder()

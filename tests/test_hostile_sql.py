@@ -502,14 +502,16 @@ def test_cli_qualified_bookkeeping_write_is_refused(device: Device, tmp_path: Pa
 
 
 def test_cli_trigger_on_the_apps_writes_is_refused_and_updates_still_apply(
-        device: Device, tmp_path: Path, release_key: tuple[Path, Path], attacker: None,
-        shipped_bundle: Path) -> None:
+        device: Device, tmp_path: Path, release_key: tuple[Path, Path],
+        attacker: None) -> None:
     bundle = hostile_bundle(tmp_path, release_key[0], sql=(
         "CREATE TRIGGER lockout AFTER INSERT ON vitals BEGIN\n"
         "  UPDATE schema_version SET file_hash = NULL;\nEND;\n"))
     proc = run_refused(device, bundle)
     assert "trigger lockout" in proc.stderr and "bookkeeping" in proc.stderr
-    ok = device.cli("apply", str(shipped_bundle))
+    # The next good bundle (a higher sequence: the refused one was admitted) applies.
+    clean = build_variant(tmp_path / "bundles" / "clean-3.zmb", release_key[0], 3)
+    ok = device.cli("apply", str(clean))
     assert ok.returncode == 0, ok.stderr
     assert version(device.db) == 14
     assert query(device.db, "SELECT name FROM sqlite_master WHERE type='trigger'") == []

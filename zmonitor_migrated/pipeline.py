@@ -186,8 +186,11 @@ class Run:
     def _interrupt_reason(self) -> str:
         if self.stop_requested():
             return "stop requested (SIGTERM); stopped at a safe point"
-        return (f"the downtime budget of {self.budget_s:g} s (max_downtime_s="
-                f"{self.config.max_downtime_s:g}) ran out")
+        if self.budget_s == self.config.max_downtime_s:
+            return f"the downtime budget max_downtime_s={self.budget_s:g} ran out"
+        return (f"the downtime budget of {self.budget_s:g} s (--allow-long: "
+                f"{LONG_DOWNTIME_FACTOR:g} x the rehearsal + {LONG_DOWNTIME_SLACK_S:g} s; "
+                f"max_downtime_s={self.config.max_downtime_s:g}) ran out")
 
     # -- phases -----------------------------------------------------------------------
     def precheck(self, verified: Verified, target: int | None, allow_long: bool,

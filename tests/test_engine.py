@@ -284,8 +284,8 @@ def test_autoincrement_sequence_survives_a_rebuild_of_an_emptied_table(tmp_path:
 @pytest.mark.parametrize(("sql", "word"), [
     ("ATTACH DATABASE '{other}' AS other;", "ATTACH"),
     ("DETACH DATABASE main;", "DETACH"),
-    ("PRAGMA writable_schema=ON;", "PRAGMA"),
-    ("PRAGMA foreign_keys=ON;", "PRAGMA"),
+    ("PRAGMA writable_schema=ON;", "PRAGMA writable_schema"),
+    ("PRAGMA foreign_keys=ON;", "PRAGMA foreign_keys"),
     ("SELECT load_extension('/nonexistent/evil.so');", "load_extension()"),
     ("SAVEPOINT s1;", "SAVEPOINT"),
     ("ROLLBACK;", "ROLLBACK"),

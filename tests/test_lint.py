@@ -222,7 +222,8 @@ def test_mixed_ddl_and_dml(tmp_path: Path) -> None:
     assert "line 1" in next(p.message for p in problems if p.code == "mixed-ddl-dml")
 
 
-def test_new_table_with_its_rows_and_temp_tables_are_not_mixing(tmp_path: Path) -> None:
+def test_new_table_with_its_rows_is_not_mixing_and_temp_tables_are_refused(
+        tmp_path: Path) -> None:
     files = clean_base(**{
         "seed/0002_settings.sql": "CREATE TABLE settings (k TEXT PRIMARY KEY, v TEXT);\n"
                                   "INSERT INTO settings VALUES ('unit', 'bpm');\n",
@@ -230,7 +231,11 @@ def test_new_table_with_its_rows_and_temp_tables_are_not_mixing(tmp_path: Path) 
         "data/0003_fill.sql": "CREATE TEMP TABLE map (a, b);\n"
                               "UPDATE patients SET mrn = upper(mrn);\nDROP TABLE map;\n",
         "rollback/0003_rollback.sql": "SELECT 1;\n"})
-    assert lint(tmp_path, files) == []
+    problems = lint(tmp_path, files)
+    # A TEMP table would shadow a real one for the rest of the run's connection.
+    assert [(p.code, p.path, p.line) for p in problems] == [
+        ("temp-object", "migrations/data/0003_fill.sql", 1)]
+    assert "use a regular table and DROP it" in problems[0].message
 
 
 def test_ddl_in_a_batched_migration(tmp_path: Path) -> None:

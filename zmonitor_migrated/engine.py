@@ -18,8 +18,49 @@ Guarantees:
   finished in ``zmonitor_migrated_batch``, so a killed process resumes after the last
   committed batch and never runs one twice. Batches run with foreign keys enforced,
   because batched migrations are pure DML (lint refuses DDL in them).
-- An authorizer denies ATTACH, DETACH, extension loading, PRAGMAs that change state and
-  transaction control inside migration SQL.
+- Migration SQL (migrations and rollbacks alike) runs under ``MigrationAuthorizer``, an
+  allow-list: a signed migration may be wrong, or signed with a stolen key, and must not
+  crash the runner, fool the validation or reach the runner's bookkeeping. Refused, each
+  with a ``Refusal`` naming the statement's line and what was refused:
+
+  * functions other than the reviewed SQLite core functions (``SAFE_FUNCTIONS``: scalar,
+    aggregate, window, date/time, math, JSON). ``fts3_tokenizer`` (its two-argument form
+    hands SQLite a function pointer: a SIGSEGV in a root process; its one-argument form
+    leaks an address), ``load_extension`` (never), FTS/R-tree helpers, ``sqlite_log``
+    and anything unknown are refused by name;
+  * TEMP objects (``CREATE TEMP …``, ``CREATE TABLE temp.x``, any write to the temp
+    schema). Decision: a migration may not create them at all. A TEMP table shadows the
+    main table of the same name for every unqualified name on that connection (a ``TEMP
+    vitals`` copy made a migration that emptied ``main.vitals`` look valid); a migration
+    that needs scratch space creates a regular table and drops it at the end;
+  * virtual tables (``CREATE VIRTUAL TABLE … USING module``: native code parsing the
+    migration's arguments), named by module;
+  * ATTACH, DETACH, transaction control, PRAGMAs other than read-only introspection;
+  * the runner's bookkeeping (``schema_version``, ``zmonitor_migrated_*``: version rows,
+    batch progress, applied bundles): any INSERT/UPDATE/DELETE, DROP, ALTER, CREATE
+    INDEX/TRIGGER/TABLE/VIEW on them, however qualified, quoted or cased (SQLite hands
+    the authorizer the canonical name and database), directly or from a trigger;
+  * anything else the authorizer does not know.
+
+  The runner's own statements run with no authorizer (it is set per migration statement
+  and removed after it; setting it expires every cached statement, so nothing compiled
+  under one is reused under the other) and name ``main.`` explicitly. Two checks cover
+  what an authorizer cannot see at the statement that causes it: after each migration
+  every new or changed trigger is compiled (by compiling, not running, an INSERT, UPDATE
+  and DELETE of its table) under the same authorizer, because it will run later on the
+  app's connection; and the schema rows of the bookkeeping tables must be unchanged
+  (``ALTER TABLE x RENAME TO zmonitor_migrated_bundles`` shows the authorizer only
+  ``x``).
+- A batch header must mean what it says. Before a batched migration records anything,
+  each statement is compiled under a recording authorizer: it must write the declared
+  table and no other (directly), be an UPDATE or DELETE of it, use ``:batch_start`` and
+  ``:batch_end``, and, compiled with its target ``NOT INDEXED``, be planned as a rowid
+  range search of the table (``rowid>? AND rowid<?``), which SQLite only does when the
+  WHERE clause bounds the rowid from both sides. While the batches run, a statement that
+  changes more rows than the batch's rowid range holds is refused (bounds written as
+  constants instead of the parameters). Lint runs the same checks on a scratch database.
+- A statement interrupted by a progress handler (the caller's deadline, see ``watch``)
+  raises ``Interrupted`` naming the file and line.
 - ``should_stop`` is polled between migrations and between batches (the safe points);
   when it returns true the runner raises ``Interrupted`` with the database consistent.
 """
@@ -28,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +83,7 @@ from .plan import AppliedRow, Plan, plan, rollback_plan
 from .sources import Migration, Source
 
 BATCH_TABLE = "zmonitor_migrated_batch"
-SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (
+SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS main.schema_version (
     version INTEGER PRIMARY KEY,
     applied_at TEXT NOT NULL,
     description TEXT,
@@ -50,7 +92,7 @@ SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS schema_version (
     execution_time_ms INTEGER,
     applied_by TEXT DEFAULT 'migrate.py'
 )"""
-BATCH_DDL = f"""CREATE TABLE IF NOT EXISTS {BATCH_TABLE} (
+BATCH_DDL = f"""CREATE TABLE IF NOT EXISTS main.{BATCH_TABLE} (
     version INTEGER PRIMARY KEY,
     next_rowid INTEGER NOT NULL,
     max_rowid INTEGER NOT NULL,
@@ -63,6 +105,194 @@ BATCH_DDL = f"""CREATE TABLE IF NOT EXISTS {BATCH_TABLE} (
 # Read-only introspection a migration may use; every other PRAGMA is the runner's.
 _READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo",
                  "foreign_key_list"}
+# Core SQL functions reviewed for migration and check SQL: pure scalar, aggregate, window,
+# date/time, math and JSON functions of SQLite 3.40. Anything else (fts3_tokenizer, whose
+# two-argument form hands SQLite a function pointer; load_extension; FTS/R-tree helpers;
+# sqlite_log; application functions) is refused by name.
+_SAFE_FUNCTION_NAMES = """
+    abs changes char coalesce format glob hex ifnull iif instr last_insert_rowid length like
+    likelihood likely lower ltrim max min nullif printf quote random randomblob replace round
+    rtrim sign soundex sqlite_version substr substring total_changes trim typeof unicode
+    unlikely upper zeroblob
+    avg count group_concat sum total
+    row_number rank dense_rank percent_rank cume_dist ntile lag lead first_value last_value
+    nth_value
+    date time datetime julianday unixepoch strftime current_date current_time
+    current_timestamp
+    acos acosh asin asinh atan atan2 atanh ceil ceiling cos cosh degrees exp floor ln log
+    log10 log2 mod pi pow power radians sin sinh sqrt tan tanh trunc
+    json json_array json_array_length json_extract json_insert json_object json_patch
+    json_quote json_remove json_replace json_set json_type json_valid json_group_array
+    json_group_object -> ->>
+"""
+SAFE_FUNCTIONS = frozenset(_SAFE_FUNCTION_NAMES.split())
+# SQLite's own helpers for ALTER TABLE RENAME/DROP COLUMN, called by the SQL it generates
+# itself; they are internal, so a migration naming them gets "no such function".
+_ALTER_FUNCTIONS = frozenset({"sqlite_rename_table", "sqlite_rename_test",
+                              "sqlite_rename_column", "sqlite_rename_quotefix",
+                              "sqlite_drop_column"})
+_SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_temp_master", "sqlite_schema",
+                            "sqlite_temp_schema"})
+_TEMP_ACTIONS = {
+    sqlite3.SQLITE_CREATE_TEMP_TABLE: "CREATE TEMP TABLE",
+    sqlite3.SQLITE_CREATE_TEMP_INDEX: "CREATE TEMP INDEX",
+    sqlite3.SQLITE_CREATE_TEMP_TRIGGER: "CREATE TEMP TRIGGER",
+    sqlite3.SQLITE_CREATE_TEMP_VIEW: "CREATE TEMP VIEW",
+    sqlite3.SQLITE_DROP_TEMP_TABLE: "DROP TEMP TABLE",
+    sqlite3.SQLITE_DROP_TEMP_INDEX: "DROP TEMP INDEX",
+    sqlite3.SQLITE_DROP_TEMP_TRIGGER: "DROP TEMP TRIGGER",
+    sqlite3.SQLITE_DROP_TEMP_VIEW: "DROP TEMP VIEW",
+}
+_WRITES = {sqlite3.SQLITE_INSERT: "INSERT INTO", sqlite3.SQLITE_UPDATE: "UPDATE",
+           sqlite3.SQLITE_DELETE: "DELETE FROM"}
+# Schema actions whose first argument names the object and second its table (if any).
+_SCHEMA_ACTIONS = {
+    sqlite3.SQLITE_CREATE_TABLE: "CREATE TABLE", sqlite3.SQLITE_CREATE_VIEW: "CREATE VIEW",
+    sqlite3.SQLITE_CREATE_INDEX: "CREATE INDEX", sqlite3.SQLITE_CREATE_TRIGGER:
+    "CREATE TRIGGER", sqlite3.SQLITE_DROP_TABLE: "DROP TABLE",
+    sqlite3.SQLITE_DROP_VIEW: "DROP VIEW", sqlite3.SQLITE_DROP_INDEX: "DROP INDEX",
+    sqlite3.SQLITE_DROP_TRIGGER: "DROP TRIGGER",
+}
+_HARMLESS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE,
+             sqlite3.SQLITE_REINDEX, sqlite3.SQLITE_ANALYZE}
+
+
+def is_bookkeeping(name: str | None) -> bool:
+    """The runner's own tables: the version rows, batch progress, applied bundles, and
+    any later ``zmonitor_migrated_*`` table. Whatever the case or quoting: SQLite hands
+    the authorizer the name as the schema spells it, and compares names case-blind."""
+    n = (name or "").lower()
+    return n == "schema_version" or n.startswith("zmonitor_migrated_")
+
+
+def function_allowed(name: str | None) -> bool:
+    return (name or "").lower() in SAFE_FUNCTIONS
+
+
+class Refusal(MigrationSqlError):
+    """A statement the runner refuses to run, whatever it would do (``code`` is the lint
+    code that reports the same thing in a source)."""
+
+    kind = "refused-sql"
+
+    def __init__(self, path: str, line: int, message: str, *, version: int,
+                 code: str) -> None:
+        super().__init__(path, line, message, version=version)
+        self.code = code
+
+
+@dataclass
+class _Denial:
+    code: str
+    reason: str
+
+
+class MigrationAuthorizer:
+    """The authorizer migration SQL runs under (see the module docstring). It remembers
+    why it said no, so the error names the function, table or module."""
+
+    def __init__(self) -> None:
+        self.denied: _Denial | None = None
+
+    def __call__(self, action: int, arg1: str | None, arg2: str | None, db: str | None,
+                 trigger: str | None) -> int:
+        denial = self.check(action, arg1, arg2, db, trigger)
+        if denial is None:
+            return sqlite3.SQLITE_OK
+        if self.denied is None:
+            self.denied = denial
+        return sqlite3.SQLITE_DENY
+
+    @staticmethod
+    def check(action: int, arg1: str | None, arg2: str | None, db: str | None,
+              trigger: str | None) -> _Denial | None:
+        via = f" (in trigger {trigger})" if trigger else ""
+        if action in _HARMLESS:
+            return None
+        if action == sqlite3.SQLITE_FUNCTION:
+            name = (arg2 or "").lower()
+            if name in SAFE_FUNCTIONS or name in _ALTER_FUNCTIONS:
+                return None
+            if name == "load_extension":
+                return _Denial("forbidden", "load_extension() is not allowed in a migration, "
+                                            "ever: it would load native code into the "
+                                            "runner")
+            return _Denial("function", f"function {arg2}(){via} is not on the list of "
+                                       "reviewed SQLite core functions a migration may call")
+        if action in _WRITES:
+            if is_bookkeeping(arg1):
+                return _Denial("bookkeeping", f"{_WRITES[action]} {db}.{arg1}{via} writes "
+                                              "the runner's bookkeeping; the runner records "
+                                              "versions, batches and bundles itself")
+            if (db or "").lower() == "temp" and (arg1 or "").lower() not in _SCHEMA_TABLES:
+                return _Denial("temp-object", f"{_WRITES[action]} temp.{arg1}{via}: "
+                                              "migrations may not use the temp schema")
+            return None
+        if action in _TEMP_ACTIONS:
+            return _Denial("temp-object", f"{_TEMP_ACTIONS[action]} {arg1}{via}: TEMP objects "
+                                          "are not allowed in a migration (they would shadow "
+                                          "real tables for the rest of the connection); use a "
+                                          "regular table and DROP it at the end")
+        if action in _SCHEMA_ACTIONS:
+            if (db or "").lower() == "temp":  # CREATE TABLE temp.x is no CREATE_TEMP_TABLE
+                return _Denial("temp-object", f"{_SCHEMA_ACTIONS[action]} temp.{arg1}{via}: "
+                                              "TEMP objects are not allowed in a migration "
+                                              "(they would shadow real tables for the rest "
+                                              "of the connection); use a regular table and "
+                                              "DROP it at the end")
+            if is_bookkeeping(arg1) or is_bookkeeping(arg2):
+                return _Denial("bookkeeping", f"{_SCHEMA_ACTIONS[action]} {arg1}"
+                                              f"{' ON ' + arg2 if arg2 else ''}{via} touches "
+                                              "the runner's bookkeeping tables")
+            return None
+        if action == sqlite3.SQLITE_ALTER_TABLE:  # arg1 is the database, arg2 the table
+            if is_bookkeeping(arg2):
+                return _Denial("bookkeeping", f"ALTER TABLE {arg2}{via} touches the runner's "
+                                              "bookkeeping tables")
+            return None
+        if action == sqlite3.SQLITE_PRAGMA:
+            if (arg1 or "").lower() in _READ_PRAGMAS:
+                return None
+            return _Denial("forbidden", f"PRAGMA {arg1}{via} is not allowed in a migration: "
+                                        "state-changing PRAGMAs belong to the runner")
+        if action == sqlite3.SQLITE_CREATE_VTABLE:
+            return _Denial("virtual-table", f"CREATE VIRTUAL TABLE {arg1} USING {arg2}: "
+                                            "virtual tables are not allowed in a migration "
+                                            f"(module {arg2} runs native code on its "
+                                            "arguments)")
+        if action == sqlite3.SQLITE_DROP_VTABLE:
+            return _Denial("virtual-table", f"DROP VIRTUAL TABLE {arg1}: virtual tables are "
+                                            "not allowed in a migration")
+        if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+            word = "ATTACH" if action == sqlite3.SQLITE_ATTACH else "DETACH"
+            return _Denial("forbidden", f"{word} is not allowed in a migration: the runner "
+                                        "owns the attached databases")
+        if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
+            word = (arg1 or "").upper()
+            if action == sqlite3.SQLITE_SAVEPOINT:
+                word = {"BEGIN": "SAVEPOINT", "ROLLBACK": "ROLLBACK TO"}.get(word, word)
+            return _Denial("forbidden", f"{word} is not allowed in a migration: the runner "
+                                        "owns transactions")
+        return _Denial("forbidden", f"SQLite action {action}{via} is not allowed in a "
+                                    "migration")
+
+
+def harden(conn: sqlite3.Connection) -> None:
+    """No extension loading on a connection that runs bundle SQL, whatever the
+    authorizer says (it is off while the runner's own statements run)."""
+    with contextlib.suppress(AttributeError):  # Python built without extension loading
+        conn.enable_load_extension(False)
+
+
+def watch(conn: sqlite3.Connection, *, expired: Callable[[], bool],
+          tick: Callable[[], None] | None = None, every: int = 100_000) -> None:
+    """SQLite calls this while a statement runs: real progress for the watchdog, and the
+    end of a statement (``interrupted``) as soon as ``expired`` says the time is up."""
+    def handler() -> int:
+        if tick is not None:
+            tick()
+        return int(expired())
+    conn.set_progress_handler(handler, every)
 
 
 class Interrupted(MigrateError):
@@ -89,41 +319,128 @@ ProgressFn = Callable[[Progress], None]
 
 def connect(path: Path | str, *, timeout: float = 5.0) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, timeout=timeout)
+    harden(conn)
     return conn
 
 
 def read_applied(conn: sqlite3.Connection) -> list[AppliedRow]:
-    exists = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_version'").fetchone()
+    # main. explicitly: a temp object of the same name must never answer for the file.
+    exists = conn.execute("SELECT 1 FROM main.sqlite_master WHERE type='table' "
+                          "AND name='schema_version'").fetchone()
     if not exists:
         return []
     rows = conn.execute(
         "SELECT version, applied_at, description, migration_type, file_hash, "
-        "execution_time_ms, applied_by FROM schema_version ORDER BY version").fetchall()
+        "execution_time_ms, applied_by FROM main.schema_version ORDER BY version").fetchall()
     return [AppliedRow(*r) for r in rows]
 
 
-def _authorizer(action: int, arg1: str | None, arg2: str | None, _db: str | None,
-                _trigger: str | None) -> int:
-    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH,
-                  sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
-        return sqlite3.SQLITE_DENY
-    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() not in _READ_PRAGMAS:
-        return sqlite3.SQLITE_DENY
-    if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() == "load_extension":
-        return sqlite3.SQLITE_DENY
-    return sqlite3.SQLITE_OK
+def _bookkeeping_schema(conn: sqlite3.Connection) -> list[tuple[object, ...]]:
+    """Every schema object that is, or hangs on, a bookkeeping table (a table renamed
+    into a bookkeeping name included)."""
+    rows = conn.execute("SELECT type, name, tbl_name, sql FROM main.sqlite_master "
+                        "ORDER BY type, name").fetchall()
+    return [r for r in rows if is_bookkeeping(str(r[1])) or is_bookkeeping(str(r[2]))]
 
 
-def _explain_denied(stmt: sqlscript.Statement, message: str) -> str:
-    head = stmt.head.replace(";", " ").split(" ", 1)[0]
-    if "LOAD_EXTENSION" in stmt.head:
-        head = "load_extension()"
-    if "not authorized" in message:
-        return (f"{head} is not allowed in a migration ({message}): ATTACH/DETACH, "
-                "extension loading, state-changing PRAGMAs and transaction control belong "
-                "to the runner")
-    return message
+_RANGE_SEARCH = re.compile(r"^SEARCH (?P<t>\S+) USING (?:INTEGER PRIMARY KEY|(?:COVERING )?"
+                           r"INDEX \S+) \((?:.* AND )?rowid>\? AND rowid<\?\)$", re.IGNORECASE)
+
+
+class _Recorder(MigrationAuthorizer):
+    """The migration authorizer, also keeping every call (action, arg1, arg2, db,
+    trigger) for a structural look at a statement."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, str | None, str | None, str | None, str | None]] = []
+
+    def __call__(self, action: int, arg1: str | None, arg2: str | None, db: str | None,
+                 trigger: str | None) -> int:
+        self.calls.append((action, arg1, arg2, db, trigger))
+        return super().__call__(action, arg1, arg2, db, trigger)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _line_of(statements: list[sqlscript.Statement], pattern: str) -> int:
+    rx = re.compile(pattern, re.IGNORECASE)
+    return next((s.line for s in statements if rx.match(s.head)), 1)
+
+
+def _sql_error(path: str, version: int, line: int, exc: sqlite3.Error,
+               auth: MigrationAuthorizer) -> MigrateError:
+    """The error for a failed migration statement: a refusal names what was refused and
+    why; an interrupt (the progress handler saw the time run out) is ``Interrupted``."""
+    if auth.denied is not None:
+        return Refusal(path, line, f"{auth.denied.reason} ({exc})", version=version,
+                       code=auth.denied.code)
+    if str(exc) == "interrupted":
+        return Interrupted(f"{path}:{line}: the statement was interrupted while it ran")
+    return MigrationSqlError(path, line, str(exc), version=version)
+
+
+_NAME = r'(?:"(?:[^"]|"")*"|`[^`]*`|\[[^\]]*\]|[A-Za-z_][A-Za-z0-9_$]*)'
+_BATCH_DML = re.compile(
+    rf"^\s*(?P<verb>UPDATE(?:\s+OR\s+\w+)?|DELETE\s+FROM)\s+"
+    rf"(?P<name>(?:{_NAME}\s*\.\s*)?(?P<table>{_NAME}))"
+    rf"(?P<alias>\s+(?:AS\s+)?(?!(?:SET|WHERE|INDEXED|NOT|RETURNING|ORDER|LIMIT)\b)"
+    rf"(?P<alias_name>{_NAME}))?(?P<rest>.*)$", re.IGNORECASE | re.DOTALL)
+
+
+def _unquote(name: str) -> str:
+    if name[:1] in "\"`[" and len(name) >= 2:
+        inner = name[1:-1]
+        return inner.replace('""', '"') if name[0] == '"' else inner
+    return name
+
+
+def unindexed(sql: str) -> tuple[str, str] | None:
+    """``sql`` (an UPDATE or DELETE) with ``NOT INDEXED`` on its target, and the name the
+    query plan calls the target (its alias, or its table). Without any index the planner
+    can narrow the target only by a rowid range written in the WHERE clause itself, so
+    the plan shows whether the statement is bounded by one. None for other statements."""
+    m = _BATCH_DML.match(sqlscript.strip_comments(sql))
+    if m is None or re.match(r"\s*(INDEXED|NOT)\b", m["rest"], re.IGNORECASE):
+        return None
+    shown = _unquote(m["alias_name"] if m["alias"] else m["table"])
+    return (f"{m['verb']} {m['name']}{m['alias'] or ''} NOT INDEXED{m['rest']}", shown)
+
+
+def batch_problem(table: str, sql: str,
+                  calls: list[tuple[int, str | None, str | None, str | None, str | None]],
+                  plan_rows: list[tuple[int, str]] | None, shown: str) -> str | None:
+    """Why a statement of a migration batched over ``table`` is not bounded by the batch,
+    from what SQLite compiled: the authorizer's calls (tables written directly, not by
+    triggers) and the top-level loops of the plan of the statement with its target
+    ``NOT INDEXED`` (``None`` when it is no UPDATE/DELETE). None when it is bounded."""
+    written = sorted({str(a1) for action, a1, _a2, _db, trig in calls
+                      if action in _WRITES and trig is None
+                      and (a1 or "").lower() not in _SCHEMA_TABLES})
+    fix = (f"write it as UPDATE or DELETE of {table} with WHERE rowid BETWEEN :batch_start "
+           "AND :batch_end AND …, or drop the batch header")
+    if not written:
+        return (f"the migration is batched over {table} but this statement does not write "
+                f"it; every statement of a batched migration runs once per batch: {fix}")
+    others = [t for t in written if t.lower() != table.lower()]
+    if others:
+        return (f"the batch header declares table={table} but this statement writes "
+                f"{', '.join(others)}: it would run once per batch over rows outside the "
+                f"batch; {fix}")
+    if plan_rows is None:
+        return f"a batched statement must be an UPDATE or DELETE of {table}: {fix}"
+    if not {":batch_start", ":batch_end"} <= sqlscript.parameters(sql):
+        return f"the statement does not use both :batch_start and :batch_end: {fix}"
+    top = [detail for parent, detail in plan_rows if parent == 0]
+    bounded = any((m := _RANGE_SEARCH.match(d)) and m["t"].lower() == shown.lower()
+                  for d in top)
+    if not bounded:
+        return (f"the WHERE clause does not bound {table}'s rowid from both sides: without "
+                f"indexes SQLite plans {'; '.join(top) or 'no loop'} (a batch needs SEARCH "
+                f"{shown} USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)); {fix}")
+    return None
 
 
 def _now() -> str:
@@ -195,13 +512,14 @@ class Engine:
         if not self._has_table(BATCH_TABLE):
             return None
         row = self.conn.execute(
-            f"SELECT batches_done, batches_total FROM {BATCH_TABLE} WHERE version=?",
+            f"SELECT batches_done, batches_total FROM main.{BATCH_TABLE} WHERE version=?",
             (version,)).fetchone()
         return (row[0], row[1]) if row else None
 
     def _has_table(self, name: str) -> bool:
-        return self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
-                                 (name,)).fetchone() is not None
+        return self.conn.execute(
+            "SELECT 1 FROM main.sqlite_master WHERE type='table' AND name=?",
+            (name,)).fetchone() is not None
 
     # -- applying -------------------------------------------------------------------
     def apply(self, source: Source, *, target: int | None = None,
@@ -231,7 +549,7 @@ class Engine:
         undo = rollback_plan(source.migrations, self.applied(), to)
         if self._has_table(BATCH_TABLE):
             half = self.conn.execute(
-                f"SELECT version, batches_done, batches_total FROM {BATCH_TABLE} "
+                f"SELECT version, batches_done, batches_total FROM main.{BATCH_TABLE} "
                 "ORDER BY version").fetchone()
             if half is not None:
                 # Its committed batches have no version row, so no rollback script would
@@ -247,7 +565,7 @@ class Engine:
             self._run_transaction(
                 mig.rollback, mig.version, source.text(mig.rollback),
                 after=lambda v=mig.version: self.conn.execute(
-                    "DELETE FROM schema_version WHERE version=?", (v,)))
+                    "DELETE FROM main.schema_version WHERE version=?", (v,)))
             undone.append(mig.version)
         return undone
 
@@ -271,7 +589,7 @@ class Engine:
     def _record_version(self, mig: Migration, started: float, elapsed_ms: int = 0) -> None:
         ms = elapsed_ms + int((time.perf_counter() - started) * 1000)
         self.conn.execute(
-            "INSERT INTO schema_version (version, applied_at, description, migration_type, "
+            "INSERT INTO main.schema_version (version, applied_at, description, migration_type, "
             "file_hash, execution_time_ms, applied_by) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (mig.version, _now(), mig.description, mig.kind, mig.sha256, ms, self.applied_by))
 
@@ -283,17 +601,94 @@ class Engine:
 
     def _execute(self, path: str, version: int, stmt: sqlscript.Statement,
                  params: dict[str, int] | None = None) -> int:
-        self.conn.set_authorizer(_authorizer)
+        auth = MigrationAuthorizer()
+        self.conn.set_authorizer(auth)
         try:
             cur = self.conn.execute(stmt.sql, params or {})
             for _row in cur:
                 pass
             return max(cur.rowcount, 0)
         except sqlite3.Error as exc:
-            raise MigrationSqlError(path, stmt.line, _explain_denied(stmt, str(exc)),
-                                    version=version) from None
+            raise _sql_error(path, version, stmt.line, exc, auth) from None
         finally:
             self.conn.set_authorizer(None)
+
+    def _prepare_only(self, rec: _Recorder, sql: str, params: dict[str, int] | None = None
+                      ) -> list[tuple[object, ...]]:
+        """Compile ``sql`` under the migration authorizer (``rec`` records what it saw)
+        without running it: EXPLAIN compiles the whole statement, trigger programs
+        included, and only lists them."""
+        self.conn.set_authorizer(rec)
+        try:
+            return self.conn.execute(sql, params or {}).fetchall()
+        finally:
+            self.conn.set_authorizer(None)
+
+    def _triggers(self) -> set[tuple[str, str, str]]:
+        return {(str(n), str(t), str(q)) for n, t, q in self.conn.execute(
+            "SELECT name, tbl_name, sql FROM main.sqlite_master WHERE type='trigger'")}
+
+    def _check_triggers(self, path: str, version: int, statements: list[sqlscript.Statement],
+                        before: set[tuple[str, str, str]]) -> None:
+        """A trigger a migration leaves behind runs later under the app's connection, not
+        under our authorizer: compile every new or changed one now (by compiling an
+        INSERT, UPDATE and DELETE of its table) under the migration authorizer."""
+        for name, table, _sql in sorted(self._triggers() - before):
+            line = _line_of(statements, rf"CREATE\s+TRIGGER\s+(IF\s+NOT\s+EXISTS\s+)?"
+                                        rf"(MAIN\s*\.\s*)?[\"`\[]?{re.escape(name)}\b")
+            cols = [str(r[1]) for r in self.conn.execute(
+                f"PRAGMA main.table_info({_quote(table)})")]
+            sets = ", ".join(f"{_quote(c)}={_quote(c)}" for c in cols)
+            seen = False
+            errors: list[str] = []
+            for firing in (f"INSERT INTO main.{_quote(table)} DEFAULT VALUES",
+                           f"UPDATE main.{_quote(table)} SET {sets}",
+                           f"DELETE FROM main.{_quote(table)}"):
+                rec = _Recorder()
+                try:
+                    self._prepare_only(rec, "EXPLAIN " + firing)
+                except sqlite3.Error as exc:
+                    if rec.denied is not None:
+                        raise _sql_error(path, version, line, exc, rec) from None
+                    errors.append(str(exc))
+                    continue
+                seen = seen or any(c[4] == name for c in rec.calls)
+            if not seen:
+                raise Refusal(path, line, f"trigger {name} on {table} cannot be compiled for "
+                              f"checking ({'; '.join(errors) or 'it never fires'}); a trigger "
+                              "a migration creates must compile", version=version,
+                              code="trigger")
+
+    def _check_batched(self, mig: Migration, statements: list[sqlscript.Statement]) -> None:
+        """A batch header must mean what it says: every statement writes only the declared
+        table and only inside the batch's rowid range (checked from what SQLite compiles,
+        before the first batch runs: in the rehearsal, before the app is stopped)."""
+        assert mig.batch is not None
+        try:  # the walk itself needs the table and its rowid
+            self.conn.execute(f"SELECT rowid FROM main.{_quote(mig.batch.table)} LIMIT 0")
+        except sqlite3.Error as exc:
+            raise MigrationSqlError(mig.path, 1, f"batch table {mig.batch.table!r}: {exc}",
+                                    version=mig.version) from None
+        bounds = {"batch_start": 0, "batch_end": 0}
+        for stmt in statements:
+            rec = _Recorder()
+            try:
+                self._prepare_only(rec, "EXPLAIN QUERY PLAN " + stmt.sql, bounds)
+            except sqlite3.Error as exc:
+                raise _sql_error(mig.path, mig.version, stmt.line, exc, rec) from None
+            plan_rows: list[tuple[int, str]] | None = None
+            variant = unindexed(stmt.sql)
+            if variant is not None:
+                try:
+                    plan_rows = [(int(str(r[1])), str(r[3])) for r in self._prepare_only(
+                        _Recorder(), "EXPLAIN QUERY PLAN " + variant[0], bounds)]
+                except sqlite3.Error:
+                    plan_rows = None  # e.g. a form the rewrite does not know: refused
+            problem = batch_problem(mig.batch.table, stmt.sql, rec.calls, plan_rows,
+                                    variant[1] if variant else mig.batch.table)
+            if problem:
+                raise Refusal(mig.path, stmt.line, problem, version=mig.version,
+                              code="batch-bounds")
 
     def _fk_violations(self, path: str, version: int, table: str | None = None) -> None:
         sql = f"PRAGMA foreign_key_check({table})" if table else "PRAGMA foreign_key_check"
@@ -307,7 +702,7 @@ class Engine:
         if not self._has_table("sqlite_sequence"):
             return {}
         return {name: seq for name, seq in
-                self.conn.execute("SELECT name, seq FROM sqlite_sequence")
+                self.conn.execute("SELECT name, seq FROM main.sqlite_sequence")
                 if isinstance(name, str) and isinstance(seq, int)}
 
     def _keep_sequences(self, before: dict[str, int]) -> None:
@@ -317,15 +712,15 @@ class Engine:
         sequence back to at least what it was."""
         for name, seq in before.items():
             row = self.conn.execute(
-                "SELECT sql FROM sqlite_master WHERE type='table' AND name=?",
+                "SELECT sql FROM main.sqlite_master WHERE type='table' AND name=?",
                 (name,)).fetchone()
             if row is None or "AUTOINCREMENT" not in (row[0] or "").upper():
                 continue  # dropped for good, or no longer AUTOINCREMENT
             cur = self.conn.execute(
-                "UPDATE sqlite_sequence SET seq=? WHERE name=? AND seq<?", (seq, name, seq))
+                "UPDATE main.sqlite_sequence SET seq=? WHERE name=? AND seq<?", (seq, name, seq))
             if cur.rowcount == 0 and self.conn.execute(
-                    "SELECT 1 FROM sqlite_sequence WHERE name=?", (name,)).fetchone() is None:
-                self.conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)",
+                    "SELECT 1 FROM main.sqlite_sequence WHERE name=?", (name,)).fetchone() is None:
+                self.conn.execute("INSERT INTO main.sqlite_sequence (name, seq) VALUES (?, ?)",
                                   (name, seq))
 
     def _run_transaction(self, path: str, version: int, text: str,
@@ -336,8 +731,18 @@ class Engine:
         try:
             with self._transaction():
                 sequences = self._sequences()
+                triggers = self._triggers()
+                guarded = _bookkeeping_schema(self.conn)
                 for stmt in statements:
                     self._execute(path, version, stmt)
+                self._check_triggers(path, version, statements, triggers)
+                if _bookkeeping_schema(self.conn) != guarded:
+                    # e.g. ALTER TABLE x RENAME TO zmonitor_migrated_bundles: the
+                    # authorizer sees only the old name.
+                    raise Refusal(path, 1, "the migration changed the schema of the "
+                                  "runner's bookkeeping tables (schema_version, "
+                                  "zmonitor_migrated_*); it may not create, rename, alter "
+                                  "or index them", version=version, code="bookkeeping")
                 self._keep_sequences(sequences)
                 self._fk_violations(path, version)
                 after()
@@ -349,9 +754,10 @@ class Engine:
         table, size = mig.batch.table, mig.batch.size
         size = max(size, self.min_batch)
         statements = self._statements(mig.path, mig.version, text)
+        self._check_batched(mig, statements)  # before anything is recorded
         row = self.conn.execute(
             f"SELECT next_rowid, max_rowid, batches_done, batches_total, rows_changed, "
-            f"elapsed_ms, file_hash FROM {BATCH_TABLE} WHERE version=?",
+            f"elapsed_ms, file_hash FROM main.{BATCH_TABLE} WHERE version=?",
             (mig.version,)).fetchone()
         state: tuple[int, int, int, int, int, int] | None = None
         if row is not None:
@@ -368,7 +774,7 @@ class Engine:
             with self._transaction():
                 try:
                     lo, hi = self.conn.execute(
-                        f'SELECT min(rowid), max(rowid) FROM "{table}"').fetchone()
+                        f'SELECT min(rowid), max(rowid) FROM main.{_quote(table)}').fetchone()
                 except sqlite3.Error as exc:
                     raise MigrationSqlError(mig.path, 1, f"batch table {table!r}: {exc}",
                                             version=mig.version) from None
@@ -377,8 +783,8 @@ class Engine:
                 total = max(0, (hi - lo) // size + 1) if hi >= lo else 0
                 state = (lo, hi, 0, total, 0, 0)
                 self.conn.execute(
-                    f"INSERT INTO {BATCH_TABLE} (version, next_rowid, max_rowid, batches_done, "
-                    f"batches_total, rows_changed, elapsed_ms, file_hash) "
+                    f"INSERT INTO main.{BATCH_TABLE} (version, next_rowid, max_rowid, "
+                    f"batches_done, batches_total, rows_changed, elapsed_ms, file_hash) "
                     f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (mig.version, *state, mig.sha256))
         next_rowid, max_rowid, batches_done, total, rows_changed, elapsed_ms = state
         fk_before = self.conn.execute("PRAGMA foreign_keys").fetchone()[0]
@@ -394,10 +800,18 @@ class Engine:
                 with self._transaction():
                     changed = 0
                     for stmt in statements:
-                        changed += self._execute(mig.path, mig.version, stmt,
-                                                 {"batch_start": next_rowid, "batch_end": end})
+                        n = self._execute(mig.path, mig.version, stmt,
+                                          {"batch_start": next_rowid, "batch_end": end})
+                        if n > end - next_rowid + 1:
+                            # More rows than rowids in the range: not bounded by the batch.
+                            raise Refusal(mig.path, stmt.line, f"changed {n} rows in the "
+                                          f"batch of rowids {next_rowid}..{end}, which holds "
+                                          f"at most {end - next_rowid + 1}: the statement "
+                                          "is not bounded by :batch_start/:batch_end",
+                                          version=mig.version, code="batch-bounds")
+                        changed += n
                     self.conn.execute(
-                        f"UPDATE {BATCH_TABLE} SET next_rowid=?, batches_done=?, "
+                        f"UPDATE main.{BATCH_TABLE} SET next_rowid=?, batches_done=?, "
                         f"rows_changed=?, elapsed_ms=? WHERE version=?",
                         (end + 1, batches_done + 1, rows_changed + changed,
                          elapsed_ms + int((time.perf_counter() - run_started) * 1000),
@@ -412,7 +826,7 @@ class Engine:
                     rows=rows_changed, eta_s=per_batch * (total - batches_done)))
             with self._transaction():
                 self._record_version(mig, run_started, elapsed_ms)
-                self.conn.execute(f"DELETE FROM {BATCH_TABLE} WHERE version=?", (mig.version,))
+                self.conn.execute(f"DELETE FROM main.{BATCH_TABLE} WHERE version=?", (mig.version,))
         finally:
             self.conn.execute(f"PRAGMA foreign_keys={int(fk_before)}")
         self.on_progress(Progress(mig.version, mig.path, index, count, batch=batches_done,

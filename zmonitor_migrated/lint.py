@@ -12,8 +12,34 @@ Errors (the source is refused by ``lint``, ``bundle build`` and the run):
   ``REFERENCES`` to the old name (create new, copy, drop, rename is the safe order);
 - ``add-not-null``: ``ADD COLUMN … NOT NULL`` without a ``DEFAULT`` fails on a
   non-empty table;
-- ``forbidden``: ATTACH, DETACH, PRAGMA, ROLLBACK, SAVEPOINT (the runner owns them);
+- ``forbidden``: ATTACH, DETACH, PRAGMA, ROLLBACK, SAVEPOINT (the runner owns them),
+  ``load_extension()``;
+- ``temp-object``: ``CREATE TEMP …`` or anything in the ``temp`` schema: a TEMP table
+  shadows the real one of the same name for the rest of the connection; use a regular
+  table and drop it at the end of the migration;
 - ``syntax``: text that does not split into complete statements.
+
+Errors found by compiling the SQL, as the device does (``engine``): the whole history is
+applied in order to an empty in-memory database under the runner's authorizer, then
+rolled back as far as rollback scripts exist. Each refusal is reported at its statement:
+
+- ``function``: a function that is not one of the reviewed SQLite core functions
+  (``engine.SAFE_FUNCTIONS``), e.g. ``fts3_tokenizer``;
+- ``virtual-table``: ``CREATE VIRTUAL TABLE`` (names the module);
+- ``bookkeeping``: a write, schema change, index or trigger on the runner's tables
+  (``schema_version``, ``zmonitor_migrated_*``), however qualified, quoted or cased,
+  directly or from a trigger (the seed's own ``INSERT INTO schema_version …`` and
+  ``DELETE FROM schema_version …`` lines are dropped, not refused);
+- ``trigger``: a trigger the migration creates that cannot be compiled;
+- ``batch-bounds``: a statement of a batched migration that writes another table than
+  the header's, is not an UPDATE or DELETE of it, or whose WHERE clause does not bound
+  its rowid with ``:batch_start`` and ``:batch_end``;
+- ``too-slow``: a migration that does not finish within ``SCRATCH_SECONDS`` on the empty
+  database (a runaway recursive query).
+
+A history that fails on the empty database for another reason (a statement that needs
+data) gets a ``scratch-apply`` warning at that statement, and the migrations after it are
+not compiled.
 
 Warnings (reported, not refused; a ``-- zmonitor:allow CODE`` line acknowledges one):
 
@@ -26,11 +52,16 @@ Warnings (reported, not refused; a ``-- zmonitor:allow CODE`` line acknowledges 
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 from . import sqlscript
+from .engine import Engine, Interrupted, Refusal, watch
+from .errors import MigrateError, MigrationSqlError
 from .lint_meta import lint_meta
 from .sources import Migration, Problem, Source, discover
+
+SCRATCH_SECONDS = 20.0
 
 _REF = re.compile(r"REFERENCES\s+[\"`\[]?(\w+)", re.IGNORECASE)
 _CREATE_TABLE = re.compile(r"^CREATE\s+(?:(TEMP|TEMPORARY)\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?"
@@ -42,6 +73,7 @@ _ADD_REF = re.compile(r"^ALTER\s+TABLE\s+[\"`\[]?(\w+)[\"`\]]?\s+ADD\b.*\bREFERE
                       re.IGNORECASE | re.DOTALL)
 _INSERT_INTO = re.compile(r"^(?:INSERT|REPLACE)(?:\s+OR\s+\w+)?\s+INTO\s+[\"`\[]?(\w+)",
                           re.IGNORECASE)
+_TEMP = re.compile(r"^CREATE\s+(TEMP|TEMPORARY)\b")
 _ALLOW = re.compile(r"--\s*zmonitor:allow\s+([\w-]+(?:[\s,]+[\w-]+)*)")
 _DDL = ("CREATE", "ALTER", "DROP")
 _DML = ("INSERT", "UPDATE", "DELETE", "REPLACE")
@@ -109,6 +141,10 @@ def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
                    f"{word} is not allowed in a migration: the runner owns attached databases, "
                    "pragmas and transactions")
             continue
+        if _TEMP.match(head):
+            report("error", s.line, "temp-object",
+                   "TEMP objects are not allowed in a migration (a TEMP table shadows the "
+                   "real table of the same name); use a regular table and DROP it at the end")
         if word in _DDL and not re.match(r"^(CREATE|DROP)\s+(TEMP|TEMPORARY)\b", head) and not (
                 (m := _DROP_TABLE.match(head)) and m.group(1).lower() in temp):
             ddl_line = ddl_line or s.line
@@ -172,4 +208,45 @@ def lint_source(root: Path) -> list[Problem]:
         if mig.rollback:
             problems.extend(lint_file(source, mig.rollback, mig, is_rollback=True,
                                       children=children))
+    if not any(p.severity == "error" and p.code in _DISCOVERY for p in problems):
+        seen = {(p.path, p.line, p.code) for p in problems}
+        problems.extend(p for p in scratch_problems(source)
+                        if (p.path, p.line, p.code) not in seen)
     return sorted(problems, key=lambda p: (p.path, p.line, p.code))
+
+
+# Problems that leave no ordered history to compile.
+_DISCOVERY = {"sequence", "duplicate-version", "naming", "layout", "encoding", "batch-header",
+              "duplicate-rollback", "orphan-rollback", "syntax"}
+
+
+def scratch_problems(source: Source) -> list[Problem]:
+    """Compile the history as the device would: apply it to an empty in-memory database
+    under the runner's authorizer and checks, then roll back as far as rollback scripts
+    exist. Reports the first failure (nothing after it can be compiled)."""
+    if not source.migrations:
+        return []
+    deadline = time.monotonic() + SCRATCH_SECONDS
+    with Engine(":memory:", applied_by="lint") as eng:
+        watch(eng.conn, expired=lambda: time.monotonic() > deadline)
+        try:
+            eng.apply(source)
+            keep = max((m.version for m in source.migrations if m.rollback is None),
+                       default=0)
+            eng.rollback(source, keep)
+        except Refusal as exc:
+            return [Problem("error", exc.path, exc.line, exc.code, exc.sqlite_message)]
+        except MigrationSqlError as exc:
+            return [Problem("warning", exc.path, exc.line, "scratch-apply",
+                            f"fails on an empty database ({exc.sqlite_message}); the "
+                            "migrations after it were not compiled against the runner's "
+                            "checks")]
+        except Interrupted as exc:
+            where = exc.message.split(": ", 1)[0]
+            path, _, line = where.rpartition(":")
+            return [Problem("error", path or "migrations", int(line) if line.isdigit() else 1,
+                            "too-slow", f"did not finish within {SCRATCH_SECONDS:g} s on an "
+                            "empty database (a runaway recursive query?)")]
+        except MigrateError:
+            return []  # plan problems are reported by discovery
+    return []

@@ -42,7 +42,7 @@ from typing import Any
 from . import backup as backups
 from . import dbinfo, fsutil, history
 from .config import Config
-from .engine import Engine, Interrupted, Progress
+from .engine import Engine, Interrupted, Progress, watch
 from .errors import (
     BundleRejected,
     MigrateError,
@@ -66,6 +66,15 @@ BUNDLES_DDL = """CREATE TABLE IF NOT EXISTS zmonitor_migrated_bundles (
     run_id TEXT
 )"""
 SLOW_RUN_S = 300.0  # seed section 13: "migration takes > 5 minutes"
+# Hard time limits (Run._rehearsal_budget, Run._downtime): the rehearsal may take
+# REHEARSAL_FACTOR × max_downtime_s (at least REHEARSAL_SLACK_S more than it), with
+# --allow-long LONG_REHEARSAL_FACTOR ×; with --allow-long the downtime may take
+# LONG_DOWNTIME_FACTOR × the rehearsal's measured time + LONG_DOWNTIME_SLACK_S.
+REHEARSAL_FACTOR = 3.0
+REHEARSAL_SLACK_S = 5.0
+LONG_REHEARSAL_FACTOR = 10.0
+LONG_DOWNTIME_FACTOR = 3.0
+LONG_DOWNTIME_SLACK_S = 30.0
 
 
 @dataclass
@@ -130,6 +139,8 @@ class Run:
         self.t_stop: float | None = None
         self.t_start: float | None = None
         self.deadline: float | None = None
+        self.budget_s = config.max_downtime_s
+        self.rehearsal_deadline: float | None = None
         self.rollback_to: int | None = None  # set for 'rollback --to N' runs
 
     def _work(self, eng: Engine, source: Source, the_plan: Plan) -> None:
@@ -166,11 +177,6 @@ class Run:
             return True
         return self.deadline is not None and time.monotonic() > self.deadline
 
-    def _stop_before_downtime(self) -> bool:
-        """The rehearsal's safe points: a stop request ends it (the app still runs)."""
-        self.reporter.heartbeat()
-        return self.stop_requested()
-
     def _interrupted_before_stop(self) -> PrecheckFailed:
         # Exit 4 (nothing touched, app never stopped); kind "interrupted" like a stop
         # mid-apply, so the daemon keeps the bundle for its next start.
@@ -180,8 +186,11 @@ class Run:
     def _interrupt_reason(self) -> str:
         if self.stop_requested():
             return "stop requested (SIGTERM); stopped at a safe point"
-        return (f"the downtime budget max_downtime_s={self.config.max_downtime_s:g} ran out "
-                "mid-apply")
+        if self.budget_s == self.config.max_downtime_s:
+            return f"the downtime budget max_downtime_s={self.budget_s:g} ran out"
+        return (f"the downtime budget of {self.budget_s:g} s (--allow-long: "
+                f"{LONG_DOWNTIME_FACTOR:g} x the rehearsal + {LONG_DOWNTIME_SLACK_S:g} s; "
+                f"max_downtime_s={self.config.max_downtime_s:g}) ran out")
 
     # -- phases -----------------------------------------------------------------------
     def precheck(self, verified: Verified, target: int | None, allow_long: bool,
@@ -244,6 +253,7 @@ class Run:
         self.emit("rehearsal", f"rehearsing {len(the_plan.pending)} migration(s) on a "
                                "snapshot")
         t0 = time.monotonic()
+        self.rehearsal_deadline = t0 + self._rehearsal_budget(allow_long)
         try:
             src = dbinfo.open_ro(self.db)
             dst = sqlite3.connect(snapshot)
@@ -256,8 +266,11 @@ class Run:
             with Engine(snapshot, fast=True, min_batch=self.config.batch_size,
                         on_progress=self._progress("rehearsal"),
                         should_stop=self._stop_before_downtime) as eng:
+                watch(eng.conn, expired=self._rehearsal_expired, tick=self.reporter.heartbeat)
                 self._work(eng, verified.source, the_plan)
-                problems = self._validate(eng.conn, the_plan, counts, verified)
+            # A fresh connection: nothing the migrations left on theirs answers for the file.
+            problems = self._validate(snapshot, the_plan, counts, verified,
+                                      deadline=self.rehearsal_deadline)
             if problems:
                 raise PrecheckFailed("the rehearsal on a snapshot failed validation: "
                                      + "; ".join(problems[:5]), kind="rehearsal-validation")
@@ -266,7 +279,15 @@ class Run:
             if isinstance(exc, PrecheckFailed):
                 raise
             if isinstance(exc, Interrupted):
-                raise self._interrupted_before_stop() from None
+                if self.stop_requested():
+                    raise self._interrupted_before_stop() from None
+                raise PrecheckFailed(
+                    f"the rehearsal ran out of its time budget "
+                    f"({self._rehearsal_budget(allow_long):g} s, from max_downtime_s="
+                    f"{cfg.max_downtime_s:g}): {exc.message}; the app was never stopped — "
+                    "fix the migration or check (a runaway query?), or raise max_downtime_s",
+                    kind="too-slow"
+                ) from None
             raise PrecheckFailed(f"the rehearsal on a snapshot failed: {exc.message}",
                                  kind="rehearsal") from None
         except (sqlite3.Error, OSError) as exc:
@@ -305,6 +326,27 @@ class Run:
                                      kind="disk-space")
         return the_plan, estimate, counts
 
+    def _rehearsal_budget(self, allow_long: bool) -> float:
+        """The rehearsal's hard limit: REHEARSAL_FACTOR × max_downtime_s, at least
+        REHEARSAL_SLACK_S more than it (LONG_REHEARSAL_FACTOR with --allow-long). The
+        rehearsal runs while the app is up, so running past the budget costs no downtime,
+        and a migration that is merely too slow should finish it: its measured time is
+        the estimate the operator acts on (--allow-long, a maintenance window). A
+        runaway statement or check is cut at the limit instead of running for ever."""
+        budget = self.config.max_downtime_s
+        factor = LONG_REHEARSAL_FACTOR if allow_long else REHEARSAL_FACTOR
+        return max(factor * budget, budget + REHEARSAL_SLACK_S)
+
+    def _rehearsal_expired(self) -> bool:
+        return self.rehearsal_deadline is not None and \
+            time.monotonic() > self.rehearsal_deadline
+
+    def _stop_before_downtime(self) -> bool:
+        """The rehearsal's safe points: a stop request ends it (the app still runs), and
+        so does its time budget."""
+        self.reporter.heartbeat()
+        return self.stop_requested() or self._rehearsal_expired()
+
     def _backup_linkable(self) -> bool:
         try:
             self.config.backup_dir.mkdir(parents=True, exist_ok=True)
@@ -312,14 +354,19 @@ class Run:
         except OSError:
             return False
 
-    def _validate(self, conn: sqlite3.Connection, the_plan: Plan, counts: dict[str, int],
-                  verified: Verified, *, downtime: bool = False) -> list[str]:
-        """The validation rules on a migrated database. While the app is down the
-        integrity check is ``downtime_integrity_check`` (quick by default): the full
-        check already passed on the live database and on the rehearsal, which ran the
-        same statements over the same pages before the stop; ``quick_check`` still
+    def _validate(self, db: Path, the_plan: Plan, counts: dict[str, int],
+                  verified: Verified, *, downtime: bool = False,
+                  deadline: float | None = None,
+                  rows_after: dict[str, int] | None = None) -> list[str]:
+        """The validation rules on a migrated database, on a fresh read-only connection
+        (never the one the migrations ran on), with the run's deadline. While the app is
+        down the integrity check is ``downtime_integrity_check`` (quick by default): the
+        full check already passed on the live database and on the rehearsal, which ran
+        the same statements over the same pages before the stop; ``quick_check`` still
         reads every page and checks every b-tree, and only skips matching each index
-        against its table, which is what a migration's statements determine."""
+        against its table, which is what a migration's statements determine.
+        ``rows_after``, when given, is filled with the row counts on the same
+        connection."""
         from .validate import validate
 
         setting = self.config.downtime_integrity_check if downtime else \
@@ -327,10 +374,19 @@ class Run:
 
         # Undoing migrations may remove what they added (seed rows), by definition.
         loss = set(counts) if self.rollback_to is not None else verified.declared_loss
-        return validate(conn, target=the_plan.target,
-                        last_version=verified.source.last_version, counts_before=counts,
-                        declared_loss=loss,
-                        source_root=verified.source.root, quick=setting == "quick")
+        conn = dbinfo.open_ro(db)
+        try:
+            problems = validate(conn, target=the_plan.target,
+                                last_version=verified.source.last_version,
+                                counts_before=counts, declared_loss=loss,
+                                source_root=verified.source.root,
+                                quick=setting == "quick", deadline=deadline,
+                                tick=self.reporter.heartbeat)
+            if rows_after is not None and not problems:
+                rows_after.update(dbinfo.row_counts(conn))
+            return problems
+        finally:
+            conn.close()
 
     def quiesce(self) -> str:
         """Make the live file self-contained (no WAL content, no hot journal) and prove
@@ -412,8 +468,13 @@ class Run:
         # SIGTERM mid-run): give the downtime phase room to end consistently.
         self.reporter.extend(2 * cfg.max_downtime_s + 60)
         self.t_stop = time.monotonic()
-        if not allow_long:
-            self.deadline = self.t_stop + cfg.max_downtime_s
+        # With --allow-long a downtime above max_downtime_s was accepted, as long as the
+        # rehearsal measured it: an endless statement or check still ends the run.
+        budget = cfg.max_downtime_s if not allow_long else max(
+            cfg.max_downtime_s,
+            LONG_DOWNTIME_FACTOR * (result.estimate_s or 0.0) + LONG_DOWNTIME_SLACK_S)
+        self.deadline = self.t_stop + budget
+        self.budget_s = budget
         try:
             self.emit("app_stopped", f"stopping {self.services.name}" if self.services.name
                       else "no app unit configured (app_unit: null): nothing to stop")
@@ -446,32 +507,37 @@ class Run:
                 self._abort_long_statements(eng)
                 try:
                     self._work(eng, verified.source, the_plan)
-                except Interrupted:
-                    raise MigrateError(self._interrupt_reason(), kind="interrupted") from None
+                except Interrupted as exc:
+                    raise MigrateError(f"{self._interrupt_reason()} ({exc.message})",
+                                       kind="interrupted") from None
                 if the_plan.target == verified.source.last_version:
                     eng.conn.execute(BUNDLES_DDL)
                     eng.conn.execute(
-                        "INSERT OR REPLACE INTO zmonitor_migrated_bundles VALUES (?,?,?,?,?)",
+                        "INSERT OR REPLACE INTO main.zmonitor_migrated_bundles "
+                        "VALUES (?,?,?,?,?)",
                         (verified.sequence, verified.name, verified.manifest_sha256,
                          self.now().strftime("%Y-%m-%dT%H:%M:%SZ"), j.run_id))
-                self.emit("validating", "post-migration validation of the migrated copy")
-                # Validation only reads: write the migrated pages back meanwhile, so the
-                # fsync before the swap has (almost) nothing left to wait for.
-                flushed = fsutil.InBackground(fsutil.fsync_file, copy)
-                problems = self._validate(eng.conn, the_plan, counts, verified,
-                                          downtime=True)
+            # The migrations' connection is closed: validation sees only the file.
+            self.emit("validating", "post-migration validation of the migrated copy")
+            # Validation only reads: write the migrated pages back meanwhile, so the
+            # fsync before the swap has (almost) nothing left to wait for.
+            flushed = fsutil.InBackground(fsutil.fsync_file, copy)
+            rows_after: dict[str, int] = {}
+            try:
+                problems = self._validate(copy, the_plan, counts, verified, downtime=True,
+                                          deadline=self.deadline, rows_after=rows_after)
+            except Interrupted as exc:
+                raise MigrateError(f"{self._interrupt_reason()} ({exc.message})",
+                                   kind="too-slow") from None
+            finally:
                 flushed.result()
-                if problems:
-                    self.reporter.alert("validation-failed", "; ".join(problems[:5]))
-                    raise MigrateError("post-migration validation failed: "
-                                       + "; ".join(problems[:5]), kind="validation-failed")
-                self.record["rows_after"] = dbinfo.row_counts(eng.conn)
-                if dbinfo.journal_mode(eng.conn) != mode:
-                    got = eng.conn.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]
-                    if str(got).lower() != mode:
-                        raise MigrateError(f"the migrated copy could not be put back in "
-                                           f"{mode} journal mode (got {got})",
-                                           kind="journal-mode")
+            if problems:
+                self.reporter.alert("validation-failed", "; ".join(problems[:5]))
+                raise MigrateError("post-migration validation failed: "
+                                   + "; ".join(problems[:5]), kind="validation-failed")
+            self.record["rows_after"] = rows_after
+            if mode == "wal":
+                _set_journal_mode(copy, mode)
             fsutil.fsync_file(copy)
             fsutil.copy_owner(self.db, copy)
             if any(p.exists() for p in fsutil.sidecars(copy)):
@@ -518,10 +584,11 @@ class Run:
     def _abort_long_statements(self, eng: Engine) -> None:
         """SQLite calls this while a statement runs: real progress for the watchdog, and
         a way to abort one long statement when the downtime budget is gone."""
-        def handler() -> int:
-            self.reporter.heartbeat()
-            return int(self.deadline is not None and time.monotonic() > self.deadline)
-        eng.conn.set_progress_handler(handler, 200_000)
+        watch(eng.conn, expired=self._deadline_passed, tick=self.reporter.heartbeat,
+              every=200_000)
+
+    def _deadline_passed(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     def fail(self, err: MigrateError) -> None:
         """Failure after the stop: put the old database back, start the app, raise."""

@@ -5,11 +5,13 @@ Guarantees:
 - ``load_checks`` accepts only the format below and refuses anything else with
   ``BundleRejected(kind="malformed")`` naming the file and the entry.
 - ``run_checks`` is pure over the connection it is given: it opens nothing, and the
-  queries run under a read-only authorizer (reads, functions and the read-only pragmas
-  ``foreign_key_check``, ``integrity_check``, ``quick_check``, ``table_info``,
-  ``index_list``, ``index_info``, ``foreign_key_list``), so a check can never change the
-  database. sqlite3 cannot read back an authorizer, so the connection is left with none;
-  a caller relying on its own must reinstall it.
+  queries run under a read-only authorizer (reads, the reviewed core functions of
+  ``engine.SAFE_FUNCTIONS`` and the read-only pragmas ``foreign_key_check``,
+  ``integrity_check``, ``quick_check``, ``table_info``, ``index_list``, ``index_info``,
+  ``foreign_key_list``), so a check can never change the database, and cannot call
+  ``fts3_tokenizer``, ``load_extension`` or any other unreviewed function. sqlite3
+  cannot read back an authorizer, so the connection is left with none; a caller relying
+  on its own must reinstall it.
 - Every check yields either nothing (passed) or one ``CheckFailure``; a query that
   errors is a failure naming the check and SQLite's message, never an exception.
 - ``plan_scans`` answers several checks of the form ``SELECT COUNT(*) FROM t WHERE c``
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import sqlscript, yamlsafe
+from .engine import function_allowed
 from .errors import BundleRejected
 
 YAML_MAX_EVENTS = 200_000  # the shipped file has ~130 nodes; checks are not a data set
@@ -49,8 +52,7 @@ _KEYS = {"name", "description", "sql", "expect"}
 _READ_ONLY_PRAGMAS = {"foreign_key_check", "integrity_check", "quick_check", "table_info",
                       "table_xinfo", "index_list", "index_info", "index_xinfo",
                       "foreign_key_list"}
-_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION,
-                    sqlite3.SQLITE_RECURSIVE}
+_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE}
 
 
 @dataclass(frozen=True)
@@ -143,10 +145,13 @@ def load_checks(path: Path | str) -> list[Check]:
     return parse_checks(text, str(path))
 
 
-def _read_only(action: int, arg1: str | None, _arg2: str | None, _db: str | None,
+def _read_only(action: int, arg1: str | None, arg2: str | None, _db: str | None,
                _trigger: str | None) -> int:
     if action in _ALLOWED_ACTIONS:
         return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_FUNCTION:
+        # The same reviewed core functions as migrations (engine.SAFE_FUNCTIONS).
+        return sqlite3.SQLITE_OK if function_allowed(arg2) else sqlite3.SQLITE_DENY
     if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_ONLY_PRAGMAS:
         return sqlite3.SQLITE_OK
     return sqlite3.SQLITE_DENY

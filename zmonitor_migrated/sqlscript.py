@@ -7,8 +7,10 @@ Rules, in order:
 2. Top-level transaction control written the seed's way (``BEGIN [TRANSACTION]``,
    ``COMMIT``, ``END``) is dropped: the runner owns transactions.
 3. Version bookkeeping written the seed's way (``INSERT INTO schema_version …``,
-   ``DELETE FROM schema_version …``) is dropped: the runner writes the version row once,
-   with hash and timing.
+   ``DELETE FROM schema_version …``, unqualified) is dropped: the runner writes the
+   version row once, with hash and timing. Any other statement on the runner's tables
+   (``UPDATE schema_version``, ``main.schema_version``, ``zmonitor_migrated_*``) is kept,
+   so that the engine's authorizer refuses it loudly instead of it vanishing.
 4. Anything left that is only comments or blanks is not a statement; text after the
    last ``;`` that is not a complete statement is an error naming its line.
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 _TX = re.compile(r"^(BEGIN(\s+(DEFERRED|IMMEDIATE|EXCLUSIVE))?(\s+TRANSACTION)?|"
                  r"COMMIT(\s+TRANSACTION)?|END(\s+TRANSACTION)?)\s*;?$", re.IGNORECASE)
 _VERSION_ROW = re.compile(
-    r"^(INSERT(\s+OR\s+\w+)?\s+INTO|DELETE\s+FROM|UPDATE(\s+OR\s+\w+)?|REPLACE\s+INTO)\s+"
+    r"^(INSERT(\s+OR\s+\w+)?\s+INTO|DELETE\s+FROM|REPLACE\s+INTO)\s+"
     r"[\"`\[]?schema_version[\"`\]]?[\s(]",
     re.IGNORECASE,
 )
@@ -140,3 +142,33 @@ def executable(text: str) -> list[Statement]:
     version-row bookkeeping (rules 2 and 3)."""
     return [s for s in split(text)
             if not is_transaction_control(s) and not is_version_bookkeeping(s)]
+
+
+_PARAM = re.compile(r"[:@$][A-Za-z_][A-Za-z0-9_]*")
+
+
+def code_only(sql: str) -> str:
+    """``sql`` without comments and with every string literal and quoted identifier
+    blanked out: what is left are keywords, bare names, operators and parameters."""
+    out: list[str] = []
+    text = strip_comments(sql)
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "'\"`[":
+            close = "]" if c == "[" else c
+            j = text.find(close, i + 1)
+            while j != -1 and close != "]" and j + 1 < n and text[j + 1] == close:
+                j = text.find(close, j + 2)
+            j = n - 1 if j == -1 else j
+            out.append(" ")
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def parameters(sql: str) -> set[str]:
+    """The named parameters (``:name``, ``@name``, ``$name``) a statement uses."""
+    return set(_PARAM.findall(code_only(sql)))

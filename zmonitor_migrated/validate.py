@@ -23,6 +23,16 @@ writes the database while ``validate`` runs, so both connections see the same co
 the result is the same list, in the same order, as checking one rule after another.
 ``checks/post.yaml`` and ``schema/database.yaml`` are parsed once per file version, so
 the real run reuses what the rehearsal (before the app stop) parsed.
+
+The caller gives ``validate`` a connection of its own to the migrated file, never the
+one the migrations ran on: a connection's temp schema (a ``CREATE TEMP TABLE vitals``
+shadowing ``main.vitals``) and its other state must not answer for the file. The
+helper's connection is always a fresh read-only one.
+
+With a ``deadline`` (``time.monotonic()`` value) every connection ``validate`` uses gets
+a progress handler that interrupts the running statement once it has passed, and
+``validate`` raises ``ValidationInterrupted`` naming what was cut short instead of
+returning a verdict.
 """
 
 from __future__ import annotations
@@ -30,12 +40,38 @@ from __future__ import annotations
 import functools
 import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import dbinfo
+from .engine import Interrupted, watch
 from .post_checks import CheckFailure, Job, load_checks, plan_scans, run_job
 from .schema_spec import diff, live_schema, load_spec
+
+
+class ValidationInterrupted(Interrupted):
+    """The deadline passed while the validation ran; no verdict was reached."""
+
+    kind = "too-slow"
+
+
+class _Clock:
+    """The deadline as the progress handlers and the checks see it."""
+
+    def __init__(self, deadline: float | None, tick: Callable[[], None] | None) -> None:
+        self.deadline = deadline
+        self.tick = tick
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def watch(self, conn: sqlite3.Connection, *, ticks: bool = True) -> None:
+        """The helper thread's connection does not tick: the watchdog is fed from the
+        caller's thread only."""
+        if self.deadline is not None or (ticks and self.tick is not None):
+            watch(conn, expired=self.expired, tick=self.tick if ticks else None)
 
 
 class _CheckQueue:
@@ -62,9 +98,11 @@ class _Helper:
     """Rule 2, then a share of the rule-5 queue, in a thread on its own read-only
     connection (rule 2 inline for a database that is not a file)."""
 
-    def __init__(self, conn: sqlite3.Connection, quick: bool, queue: _CheckQueue) -> None:
+    def __init__(self, conn: sqlite3.Connection, quick: bool, queue: _CheckQueue,
+                 clock: _Clock) -> None:
         self.quick = quick
         self.queue = queue
+        self.clock = clock
         self.problems: list[str] = []
         self.error: BaseException | None = None
         row = conn.execute("PRAGMA database_list").fetchone()
@@ -81,6 +119,7 @@ class _Helper:
         try:
             conn = dbinfo.open_ro(path)
             try:
+                self.clock.watch(conn, ticks=False)
                 self.problems = dbinfo.integrity_problems(conn, quick=self.quick)
                 self.queue.drain(conn)
             finally:
@@ -108,7 +147,30 @@ def _load(kind: str, path: Path) -> Any:
 
 def validate(conn: sqlite3.Connection, *, target: int, last_version: int,
              counts_before: dict[str, int], declared_loss: set[str], source_root: Path,
-             quick: bool = False) -> list[str]:
+             quick: bool = False, deadline: float | None = None,
+             tick: Callable[[], None] | None = None) -> list[str]:
+    clock = _Clock(deadline, tick)
+    clock.watch(conn)
+    try:
+        problems = _validate(conn, clock, target=target, last_version=last_version,
+                             counts_before=counts_before, declared_loss=declared_loss,
+                             source_root=source_root, quick=quick)
+    except sqlite3.OperationalError as exc:
+        if clock.expired():
+            raise ValidationInterrupted("the time ran out during the validation "
+                                        f"({exc})") from None
+        raise
+    if clock.expired():
+        cut = [p for p in problems if p.endswith("query failed: interrupted")
+               or p.startswith("integrity: ")]
+        raise ValidationInterrupted("the time ran out during the validation"
+                                    + (f" ({'; '.join(cut[:3])})" if cut else ""))
+    return problems
+
+
+def _validate(conn: sqlite3.Connection, clock: _Clock, *, target: int, last_version: int,
+              counts_before: dict[str, int], declared_loss: set[str], source_root: Path,
+              quick: bool) -> list[str]:
     head: list[str] = []
     version = dbinfo.current_version(conn)
     if version != target:
@@ -118,7 +180,7 @@ def validate(conn: sqlite3.Connection, *, target: int, last_version: int,
     checks_file = source_root / "checks" / "post.yaml"
     checks = _load("checks", checks_file) if final and checks_file.is_file() else []
     queue = _CheckQueue(plan_scans(conn, checks))
-    helper = _Helper(conn, quick, queue)
+    helper = _Helper(conn, quick, queue, clock)
     try:
         rest = _row_rules(conn, counts_before=counts_before, declared_loss=declared_loss)
         queue.drain(conn)

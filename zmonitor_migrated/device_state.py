@@ -67,7 +67,7 @@ BUNDLES_TABLE = "zmonitor_migrated_bundles"
 FLOOR_FILE = "anti-rollback.json"
 FLOOR_FORMAT = 1
 MAX_FLOOR_BYTES = 64 * 1024
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _FLOOR_KEYS = {"format", "sequence", "manifest_sha256", "name", "recorded_at", "origin",
                "rolled_back_to"}
 

@@ -223,7 +223,7 @@ def test_no_room_for_the_rehearsal_is_refused_by_name_before_the_stop(
     bundle but not for a snapshot of the database: refused as ``disk-space`` naming the
     directory, before the snapshot is written and before the stop."""
     state = tmp_path / "statefs"
-    mount_tmpfs(state, 1024, mounts)
+    mount_tmpfs(state, 2048, mounts)  # the bundle and its extraction fit, a snapshot not
     dev = make_device(tmp_path / "dev", sample_db_v10, release_key[1])
     dev.set_config(state_dir=str(state))
     assert dev.systemctl("start", "zmonitor.service").returncode == 0
@@ -231,7 +231,7 @@ def test_no_room_for_the_rehearsal_is_refused_by_name_before_the_stop(
         ref = before(dev)
         code, out, err = apply_json(dev, shipped_bundle)
         assert code == 4, err[-3000:]
-        assert error_kind(out) == "disk-space"
+        assert error_kind(out) == "disk-space", out
         assert "not enough space for the rehearsal" in str(out["error"])
         assert not [c for c in dev.calls() if c.startswith("stop")]
         assert old_or_migrated(dev, ref) == "old"

@@ -119,7 +119,7 @@ def make_copy(files: list[str], parent: Path, name: str) -> Path:
     for f in files:
         dst = root / f
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, dst)
+        shutil.copy2(REPO / f, dst, follow_symlinks=False)  # bundles/zmonitor is a link
     return root
 
 

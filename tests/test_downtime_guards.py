@@ -298,10 +298,6 @@ def test_rows_lost_only_after_the_stop_are_refused_by_the_row_counts(
     assert has_vitals_marker(device.db, "GUARD-MARKER")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the row counts the validation compares "
-                   "against are taken at the pre-check, while the app still writes; rows "
-                   "written between the pre-check and the stop are not counted, so their loss "
-                   "is hidden by the rows the app added meanwhile")
 def test_rows_written_between_the_precheck_and_the_stop_are_protected_too(
         tmp_path: Path, device: Device, release_key: tuple[Path, Path]) -> None:
     """Migration 15 deletes the vitals labelled GUARD-LATE. The app records three such

@@ -60,6 +60,15 @@ def row_counts(conn: sqlite3.Connection) -> dict[str, int]:
             for t in user_tables(conn) if t not in INTERNAL_TABLES}
 
 
+def row_counts_of(path: Path) -> dict[str, int]:
+    """``row_counts`` of the database file at ``path``, on a connection of its own."""
+    conn = open_ro(path)
+    try:
+        return row_counts(conn)
+    finally:
+        conn.close()
+
+
 def current_version(conn: sqlite3.Connection) -> int:
     if "schema_version" not in user_tables(conn):
         return 0

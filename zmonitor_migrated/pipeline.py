@@ -490,6 +490,10 @@ class Run:
             fsutil.copy_fast(self.db, copy)
             bk = backups.take(self.db, cfg.backup_dir, version, defer_hash=True)
             hasher = fsutil.InBackground(fsutil.sha256_file, bk.path) if not bk.sha256 else None
+            # The row counts the validation compares against are those of the database the
+            # app left behind, not of the pre-check (the app kept writing until the stop):
+            # counted on the quiesced live file, beside the apply.
+            stopped_counts = fsutil.InBackground(dbinfo.row_counts_of, self.db)
             j.advance(Phase.BACKED_UP, backup=str(bk.path), backup_sha256=bk.sha256 or None,
                       backup_linked=bk.linked, journal_mode=mode)
             result.backup = str(bk.path)
@@ -523,6 +527,8 @@ class Run:
             # fsync before the swap has (almost) nothing left to wait for.
             flushed = fsutil.InBackground(fsutil.fsync_file, copy)
             rows_after: dict[str, int] = {}
+            counts = stopped_counts.result()
+            self.record["rows_before"] = counts
             try:
                 problems = self._validate(copy, the_plan, counts, verified, downtime=True,
                                           deadline=self.deadline, rows_after=rows_after)

@@ -40,7 +40,7 @@ SQLITE3_CLI = "/usr/bin/sqlite3"
 PATIENTS = 5000
 UPDATE_ONE = ("UPDATE vitals SET patient_mrn = (SELECT mrn FROM patients "
               "WHERE patients.old_id = vitals.patient_id) WHERE patient_mrn IS NULL;")
-MIGRATION = """-- Backfill vitals.patient_mrn from patients (seed section 11, batched)
+MIGRATION = """-- Backfill vitals.patient_mrn from patients (batched)
 -- zmonitor:batch table=vitals size={size}
 UPDATE vitals SET patient_mrn = (SELECT mrn FROM patients WHERE patients.old_id = vitals.patient_id)
  WHERE rowid BETWEEN :batch_start AND :batch_end AND patient_mrn IS NULL;

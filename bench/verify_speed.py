@@ -1,4 +1,4 @@
-"""Verification speed and memory of a large bundle (issue 3: >= 200 MB/s, memory flat).
+"""Verification speed and memory of a large bundle (target: >= 200 MB/s, memory flat).
 
 Builds bundles of 50 MB and 200 MB (one big seed migration made of SQL comment lines
 plus a small schema migration) in a temporary directory, then verifies each in a fresh

@@ -156,7 +156,7 @@ def device(tmp_path: Path, sample_db_v10: Path,
     dev.systemctl("stop", "zmonitor.service")
 
 
-# -- issue 4 (the run and the daemon): bundle variants, database snapshots ----------------
+# -- the run and the daemon: bundle variants, database snapshots ----------------
 def build_variant(out: Path, key: Path, sequence: int, *,
                   edit: Callable[[Path], None] | None = None) -> Path:
     """Build a signed bundle from a copy of the shipped source, changed by ``edit``."""
@@ -237,7 +237,7 @@ def max_vitals_rowid(db: Path) -> int:
         conn.close()
 
 
-# -- issue 6 (fault injection): the tally the test_faults_* tests fill --------------------
+# -- fault injection: the tally the test_faults_* tests fill --------------------
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     try:
         from fault_helpers import TALLY
@@ -245,6 +245,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         return
     lines = TALLY.lines()
     if lines:
-        terminalreporter.section("fault injection summary (issue 6)")
+        terminalreporter.section("fault injection summary")
         for line in lines:
             terminalreporter.write_line(line)

@@ -29,7 +29,7 @@ ROWS = 300_000
 ITERATIONS = 5
 BATCHES = ROWS // 250
 MIGRATION = """\
--- Backfill with a counter, batched (seed section 11)
+-- Backfill with a counter, batched
 -- zmonitor:batch table=vitals size=250
 BEGIN TRANSACTION;
 UPDATE vitals

@@ -1,4 +1,4 @@
-"""Issue 4: ``apply`` killed with SIGKILL at seeded random instants in every phase, then
+"""``apply`` killed with SIGKILL at seeded random instants in every phase, then
 ``recover``: the database is the exact old file or the fully migrated, validated one.
 
 The run is the real CLI in a subprocess on a 100,000-vitals database with 0012 batched

@@ -1,4 +1,4 @@
-"""Issue 4: ``zmonitor-migrate daemon`` as a real subprocess with a real NOTIFY_SOCKET
+"""``zmonitor-migrate daemon`` as a real subprocess with a real NOTIFY_SOCKET
 (a unix datagram socket bound here), an inbox on disk and the simulated monitor."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 4: the disk fills up during a run. The run fails cleanly (exit 4 or 5), nothing
+"""The disk fills up during a run. The run fails cleanly (exit 4 or 5), nothing
 is lost, the app runs on the old database.
 
 Real tmpfs mounts (root only; skipped with the reason otherwise):

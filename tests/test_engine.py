@@ -399,7 +399,7 @@ def test_failing_rollback_keeps_its_version_and_data(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------ batches
 
 BACKFILL = """\
--- Backfill vitals.patient_mrn (seed section 11, batched)
+-- Backfill vitals.patient_mrn (batched)
 -- zmonitor:batch table=vitals size={size}
 BEGIN TRANSACTION;
 UPDATE vitals

@@ -1,4 +1,4 @@
-"""Issue 6, concurrency: the daemon (watching its inbox), the CLI ``apply`` and the Mender
+"""Concurrency: the daemon (watching its inbox), the CLI ``apply`` and the Mender
 update module (``packaging/mender/zmonitor-migration ArtifactInstall``) are handed the
 same bundle at once. Exactly one run applies it (one "applied" record in the history,
 one row in ``zmonitor_migrated_bundles``, each version once in ``schema_version``); the

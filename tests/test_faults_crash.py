@@ -1,4 +1,4 @@
-"""Issue 6, crash faults: SIGKILL aimed at the backup, the swap and a restore, then
+"""Crash faults: SIGKILL aimed at the backup, the swap and a restore, then
 recovery itself killed at a random instant and run again.
 
 The kill point is found honestly, without a hook in the product: the test polls the

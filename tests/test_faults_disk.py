@@ -1,4 +1,4 @@
-"""Issue 6, disk full: the phases issue 4's ``test_disk_full.py`` does not cover.
+"""Disk full: the phases ``test_disk_full.py`` does not cover.
 
 Real tmpfs mounts (root only; skipped with the reason otherwise), filled by the test
 when the run's journal reaches a phase, so the next write of that phase fails with

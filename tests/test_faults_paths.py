@@ -1,4 +1,4 @@
-"""Issue 6, read-only or vanished paths, a lock that is never released, bad config,
+"""Read-only or vanished paths, a lock that is never released, bad config,
 and corruption.
 
 Each case: a clear error that names the problem, the documented exit code, the database

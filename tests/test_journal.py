@@ -1,4 +1,4 @@
-"""Issue 4: the run journal's state machine, its recovery table and its atomic rewrite."""
+"""The run journal's state machine, its recovery table and its atomic rewrite."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 4: one migration run, end to end, through the real CLI in a subprocess.
+"""One migration run, end to end, through the real CLI in a subprocess.
 
 Every test runs on a real SQLite file with the simulated monitor (a real process started
 by ``fake_systemctl.py``) writing a vitals row every 5 ms. "Nothing touched" is checked

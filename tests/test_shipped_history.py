@@ -1,4 +1,4 @@
-"""The shipped bundle source bundles/zmonitor/ in the seed's CI spirit (section 12).
+"""The shipped bundle source bundles/zmonitor/ checked the way the workflow's CI checks a history.
 
 (a) the whole history applied to an empty database matches database.yaml and passes every
 post check; (b) so does a field database at version 4 (tests/fixtures/sample_data.sql);

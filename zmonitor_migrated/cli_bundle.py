@@ -105,7 +105,7 @@ def register(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
-    # The common options may already provide --json (DESIGN.md: every command takes it).
+    # The common options may already provide --json (every command takes it).
     with contextlib.suppress(argparse.ArgumentError):
         parser.add_argument("--json", action="store_true",
                             help="print one JSON object on stdout")

@@ -1,6 +1,6 @@
 """``zmonitor-migrate schema …``: the expected schema as DDL, and a live database against it.
 
-- ``schema ddl PATH`` prints the DDL of a ``database.yaml`` (seed section 2's generated
+- ``schema ddl PATH`` prints the DDL of a ``database.yaml`` (the app's generated
   ``create_tables.sql`` + ``create_indices.sql``).
 - ``schema diff PATH [--db DB]`` compares the database (``--db``, else the configured
   one) with ``PATH`` and prints one line per difference; exit 0 when there is none, 4
@@ -44,7 +44,7 @@ def register(subparsers: Any, common_parent: argparse.ArgumentParser) -> None:
                               help="list differences between a database and database.yaml "
                                    "(exit 4 if any)")
     diff.add_argument("spec", metavar="PATH", type=existing_file, help="a database.yaml")
-    # The common options may already provide --db (DESIGN.md: every command takes it).
+    # The common options may already provide --db (every command takes it).
     with contextlib.suppress(argparse.ArgumentError):
         diff.add_argument("--db", type=Path, default=None,
                           help="database to compare (default: the configured one)")

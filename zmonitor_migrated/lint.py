@@ -1,4 +1,4 @@
-"""Lint a migration source: the seed's best practices (section 9) as checks with lines.
+"""Lint a migration source: the migration workflow's best practices as checks with lines.
 
 Errors (the source is refused by ``lint``, ``bundle build`` and the run):
 
@@ -28,7 +28,7 @@ rolled back as far as rollback scripts exist. Each refusal is reported at its st
 - ``virtual-table``: ``CREATE VIRTUAL TABLE`` (names the module);
 - ``bookkeeping``: a write, schema change, index or trigger on the runner's tables
   (``schema_version``, ``zmonitor_migrated_*``), however qualified, quoted or cased,
-  directly or from a trigger (the seed's own ``INSERT INTO schema_version …`` and
+  directly or from a trigger (a hand-written runner's ``INSERT INTO schema_version …`` and
   ``DELETE FROM schema_version …`` lines are dropped, not refused);
 - ``trigger``: a trigger the migration creates that cannot be compiled;
 - ``batch-bounds``: a statement of a batched migration that writes another table than
@@ -45,7 +45,7 @@ Warnings (reported, not refused; a ``-- zmonitor:allow CODE`` line acknowledges 
 
 - ``missing-rollback`` for seed migrations;
 - ``rebuild-with-children``: a table with foreign-key children is dropped (a rebuild):
-  run with foreign keys on, as the seed's runner does, ``DROP TABLE`` cascades and
+  run with foreign keys on, as a hand-written runner does, ``DROP TABLE`` cascades and
   deletes every child row. Our runner turns enforcement off around each migration.
 """
 
@@ -187,7 +187,7 @@ def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
     if not is_rollback and ddl_line and dml_line:
         report("error", max(ddl_line, dml_line), "mixed-ddl-dml",
                f"schema (line {ddl_line}) and data (line {dml_line}) changes in one "
-               "migration; split them (seed section 9: don't mix schema and data changes)")
+               "migration; split them (don't mix schema and data changes: one can't be rolled back without the other)")
     if not is_rollback and mig.batch and ddl_line:
         report("error", ddl_line, "ddl-in-batch",
                "a batched migration commits per batch and must contain only DML; put schema "

@@ -1,4 +1,4 @@
-"""One migration run, end to end (DESIGN.md "One run, end to end").
+"""One migration run, end to end.
 
 ::
 
@@ -65,7 +65,7 @@ BUNDLES_DDL = """CREATE TABLE IF NOT EXISTS zmonitor_migrated_bundles (
     applied_at TEXT NOT NULL,
     run_id TEXT
 )"""
-SLOW_RUN_S = 300.0  # seed section 13: "migration takes > 5 minutes"
+SLOW_RUN_S = 300.0  # the migration-slow alert: a run longer than 5 minutes
 # Hard time limits (Run._rehearsal_budget, Run._downtime): the rehearsal may take
 # REHEARSAL_FACTOR × max_downtime_s (at least REHEARSAL_SLACK_S more than it), with
 # --allow-long LONG_REHEARSAL_FACTOR ×; with --allow-long the downtime may take

@@ -8,8 +8,8 @@ Rules enforced, in order:
 1. The applied versions are exactly 1..k, each present in the source (a database ahead
    of the source, or with holes, is refused).
 2. Every applied migration's recorded sha256 equals the source file's: an applied
-   migration must never be edited (seed section 2). A row without a hash (written by
-   the seed's own runner) is accepted and reported as unverified.
+   migration must never be edited. A row without a hash (written by
+   a hand-written runner) is accepted and reported as unverified.
 3. The target is between the current version and the source's last one.
 4. Rolling back needs a rollback script for every version to undo; a missing one refuses
    the whole rollback before anything runs.

@@ -1,6 +1,6 @@
-"""Migration sources: the seed's folder layout turned into an ordered list of migrations.
+"""Migration sources: the workflow's folder layout turned into an ordered list of migrations.
 
-Layout (DESIGN.md "Bundles")::
+Layout::
 
     bundle.yaml
     migrations/schema/0001_initial_schema.sql     # or 0001_schema_initial_schema.sql

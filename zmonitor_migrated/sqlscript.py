@@ -4,9 +4,9 @@ Rules, in order:
 
 1. Statements are split with ``sqlite3.complete_statement``, so a trigger body
    (``CREATE TRIGGER … BEGIN …; …; END;``) stays one statement.
-2. Top-level transaction control written the seed's way (``BEGIN [TRANSACTION]``,
+2. Top-level transaction control written the reference runner's way (``BEGIN [TRANSACTION]``,
    ``COMMIT``, ``END``) is dropped: the runner owns transactions.
-3. Version bookkeeping written the seed's way (``INSERT INTO schema_version …``,
+3. Version bookkeeping written the reference runner's way (``INSERT INTO schema_version …``,
    ``DELETE FROM schema_version …``, unqualified) is dropped: the runner writes the
    version row once, with hash and timing. Any other statement on the runner's tables
    (``UPDATE schema_version``, ``main.schema_version``, ``zmonitor_migrated_*``) is kept,

@@ -1,4 +1,4 @@
-"""Post-migration validation (seed section 7.2, done for every run).
+"""Post-migration validation, done for every run.
 
 A migrated database is accepted only if all of these hold:
 

@@ -10,8 +10,8 @@ Guarantees:
   no-op), ``PRAGMA foreign_key_check`` before ``COMMIT`` (a violation aborts the
   migration), the previous setting restored afterwards. With enforcement off a
   ``DROP TABLE`` cannot cascade into child tables, so a rebuild never loses child rows.
-- The version row (the reference runner's columns, with sha256 and execution time) is written in the same
-  transaction as the migration, so a version is recorded iff its changes are.
+- The version row (the reference runner's columns, with sha256 and execution time) is
+  written in the same transaction as the migration, so a version is recorded iff its changes are.
 - Batched migrations (``-- zmonitor:batch table=T size=N``) walk rowid ranges from the
   table's min to the max rowid taken when the migration started (keyset: every batch
   advances, whatever the SQL matches). Each batch commits together with the range it

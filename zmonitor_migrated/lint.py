@@ -187,7 +187,8 @@ def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
     if not is_rollback and ddl_line and dml_line:
         report("error", max(ddl_line, dml_line), "mixed-ddl-dml",
                f"schema (line {ddl_line}) and data (line {dml_line}) changes in one "
-               "migration; split them (don't mix schema and data changes: one can't be rolled back without the other)")
+               "migration; split them (a schema change and a data change are rolled back "
+               "and batched apart)")
     if not is_rollback and mig.batch and ddl_line:
         report("error", ddl_line, "ddl-in-batch",
                "a batched migration commits per batch and must contain only DML; put schema "

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .fsutil import read_at_most
 from .text import clean
 
 DEFAULT_CONFIG_PATH = Path("/etc/zmonitor-migrated/config.yaml")
@@ -237,12 +238,7 @@ def _read_config(cfg_path: Path) -> str:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ConfigError(f"config file {clean(cfg_path)} is not a regular file; point "
                               f"--config / ${CONFIG_ENV} at the YAML file")
-        data = b""
-        while len(data) <= MAX_CONFIG_BYTES:
-            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
+        data = read_at_most(fd, MAX_CONFIG_BYTES)
     finally:
         os.close(fd)
     if len(data) > MAX_CONFIG_BYTES:

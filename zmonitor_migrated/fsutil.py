@@ -241,3 +241,15 @@ def can_hardlink(src_dir: Path, dst_dir: Path) -> bool:
     finally:
         remove(target)
         remove(probe)
+
+
+def read_at_most(fd: int, limit: int) -> bytes:
+    """Up to ``limit + 1`` bytes from ``fd``: more than ``limit`` says the file is too
+    big without reading the rest (a hostile file may be endless)."""
+    data = b""
+    while len(data) <= limit:
+        chunk = os.read(fd, limit + 1 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .config import Config
 from .errors import ConfigError
+from .fsutil import read_at_most
 from .keys import PUBLIC_SUFFIX, key_id
 from .text import clean
 
@@ -89,12 +90,7 @@ def _read_key_file(dir_fd: int, name: str, where: str) -> bytes | str:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return "not a regular file"
-        data = b""
-        while len(data) <= MAX_KEY_BYTES:
-            chunk = os.read(fd, MAX_KEY_BYTES + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
+        data = read_at_most(fd, MAX_KEY_BYTES)
     finally:
         os.close(fd)
     if len(data) > MAX_KEY_BYTES:

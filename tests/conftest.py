@@ -248,3 +248,25 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("fault injection summary")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+# -- real full filesystems: tmpfs mounts, unmounted after the test ---------------------------
+
+@pytest.fixture
+def mounts() -> Iterator[list[Path]]:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("filling a real filesystem needs a tmpfs mount: root and mount(8)")
+    made: list[Path] = []
+    yield made
+    for m in reversed(made):
+        subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+def mount_tmpfs(path: Path, size_kb: int, made: list[Path]) -> None:
+    """A ``size_kb`` tmpfs on ``path``, recorded in ``made`` (the ``mounts`` fixture)."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs",
+                           str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    made.append(path)

@@ -25,8 +25,6 @@ gap: nothing was deleted) — and the app running.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -36,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Device, add_migration, build_variant, make_device
+from conftest import ROOT, Device, add_migration, build_variant, make_device, mount_tmpfs
 from fault_helpers import Before, before, journal_phase, leftovers, old_or_migrated
 
 VITALS_COLUMNS = ("timestamp, patient_id, patient_mrn, heart_rate, spo2, respiration_rate, "
@@ -181,23 +179,6 @@ def helpers() -> Iterator[list[Helper]]:
             h.proc.wait()
 
 
-@pytest.fixture
-def mounts() -> Iterator[list[Path]]:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("filling a real filesystem needs a tmpfs mount: root and mount(8)")
-    made: list[Path] = []
-    yield made
-    for m in reversed(made):
-        subprocess.run(["umount", "-l", str(m)], check=False)
-
-
-def mount_tmpfs(path: Path, size_kb: int, made: list[Path]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs",
-                           str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
-    made.append(path)
 
 
 # -- the rehearsal's verdict ---------------------------------------------------------------

@@ -20,38 +20,16 @@ Every time: exit 4 or 5, the old data intact, the app running, no temp files.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Device, make_device
+from conftest import ROOT, Device, make_device, mount_tmpfs
 from fault_helpers import TALLY, before, journal_phase, leftovers, old_or_migrated, run_cli
 
 from zmonitor_migrated import fsutil
-
-
-@pytest.fixture
-def mounts() -> Iterator[list[Path]]:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("filling a real filesystem needs a tmpfs mount: root and mount(8)")
-    made: list[Path] = []
-    yield made
-    for m in reversed(made):
-        subprocess.run(["umount", "-l", str(m)], check=False)
-
-
-def _mount(path: Path, size_kb: int, made: list[Path]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs",
-                           str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
-    made.append(path)
 
 
 class Filler:
@@ -139,7 +117,7 @@ def test_backup_filesystem_fills_during_backup(tmp_path: Path, mounts: list[Path
                                                release_key: tuple[Path, Path]) -> None:
     size = big_db_v10.stat().st_size
     bfs = tmp_path / "backupfs"
-    _mount(bfs, (2 * size) // 1024, mounts)
+    mount_tmpfs(bfs, (2 * size) // 1024, mounts)
     dev = _device(tmp_path, big_db_v10, release_key[1], backup_dir=str(bfs))
     try:
         _run_filled(dev, shipped_bundle, bfs, "app_stopped", "backup")
@@ -159,12 +137,12 @@ def test_state_filesystem_fills(tmp_path: Path, mounts: list[Path], sample_db_v1
         # The big database with the bundle's 25-row batches (batch_size 1): "applying"
         # lasts seconds, so the filler cannot miss it on a loaded machine. Room for the
         # rehearsal's snapshot.
-        _mount(sfs, 4 * big_db_v10.stat().st_size // 1024, mounts)
+        mount_tmpfs(sfs, 4 * big_db_v10.stat().st_size // 1024, mounts)
         dev = _device(tmp_path, big_db_v10, release_key[1], state_dir=str(sfs),
                       batch_size=1)
         bundle = slow_bundle
     else:
-        _mount(sfs, 24 * 1024, mounts)
+        mount_tmpfs(sfs, 24 * 1024, mounts)
         dev = _device(tmp_path, sample_db_v10, release_key[1], state_dir=str(sfs))
         bundle = shipped_bundle
         # The journal shows app_stopped from before the stop until the backup is taken;

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from zmonitor_migrated import errors
+from zmonitor_migrated import cli, errors
 from zmonitor_migrated.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +99,30 @@ def test_every_command_is_in_commands() -> None:
     missing = [" ".join(path) for path in commands
                if not any(tag[:len(path)] == list(path) for tag in tags)]
     assert not missing, f"commands missing from the COMMANDS section of {PAGE}: {missing}"
+
+
+def _paragraphs(lines: list[str]) -> dict[str, str]:
+    """Tag -> plain text of its tagged paragraph (up to the next tag at any level)."""
+    out: dict[str, str] = {}
+    for i, line in enumerate(lines[:-1]):
+        if line == ".TP":
+            body = []
+            for nxt in lines[i + 2:]:
+                if nxt == ".TP":
+                    break
+                body.append(_plain(nxt))
+            out[_plain(lines[i + 1])] = " ".join(body)
+    return out
+
+
+def test_commands_that_refuse_json_say_so() -> None:
+    paragraphs = _paragraphs(_sections()["COMMANDS"])
+    refusing = [path for path, sub in _commands(build_parser())
+                if sub.get_default("func") in cli._NO_JSON]
+    assert refusing, "no command refuses --json any more: drop this test"
+    for path in refusing:
+        [text] = [t for tag, t in paragraphs.items() if tag.split()[:len(path)] == list(path)]
+        assert re.search(r"[Rr]efuses --json", text), f"{' '.join(path)}: {text}"
 
 
 def test_every_option_is_in_the_page() -> None:

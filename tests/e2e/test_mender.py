@@ -3,13 +3,18 @@ drive the zmonitor-migration update module installed by the .deb (standalone mod
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from .harness import APP, E2E, REPO, ZMonitor
+from .harness import APP, E2E, REPO, STATE, ZMonitor
 
 pytestmark = pytest.mark.e2e
 
 MODULE = "/usr/share/mender/modules/v3/zmonitor-migration"
+# Where mender-client 3.4 looks for inventory scripts (its data dir + "inventory").
+INVENTORY_DIR = "/usr/share/mender/inventory"
+INVENTORY_LINE = re.compile(r"(zmonitor_[a-z0-9_]+)=([^=\x00-\x1f\x7f]*)")
 
 
 @pytest.fixture
@@ -124,3 +129,66 @@ def test_module_states_run_twice_are_safe(mz: ZMonitor) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert mz.is_active(APP) == "active"
     assert mz.prop(APP, "MainPID") == rolled_back_pid, "recover restarted a running app"
+
+
+def mender_inventory(zm: ZMonitor) -> dict[str, list[str]]:
+    """What mender-client would send: every executable mender-inventory-* of its
+    inventory dir run with an empty environment, every stdout line ``name=value`` (one
+    line without ``=`` and mender-client drops the script's whole output)."""
+    found = zm.run(f"find {INVENTORY_DIR} -maxdepth 1 -name 'mender-inventory-*' "
+                   "-type f -perm /111").stdout.split()
+    assert found == [f"{INVENTORY_DIR}/mender-inventory-zmonitor-migrated"], found
+    res = zm.run(["env", "-i", found[0]], timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out: dict[str, list[str]] = {}
+    for line in res.stdout.splitlines():
+        m = INVENTORY_LINE.fullmatch(line)
+        assert m, f"not a name=value inventory line: {line!r}"
+        assert m.group(2).isprintable() or not m.group(2), line
+        out.setdefault(m.group(1), []).append(m.group(2))
+    return out
+
+
+def test_inventory_reports_an_applied_then_a_failed_run(mz: ZMonitor) -> None:
+    inv = mender_inventory(mz)  # the baseline: no run yet
+    assert inv["zmonitor_db_schema_version"] == ["4"]
+    assert inv["zmonitor_migrate_last_outcome"] == ["none"]
+    assert inv["zmonitor_migrate_operator_needed"] == ["no"]
+
+    bundle = mz.build(mz.make_source("full"), 1, "zmonitor-s1")
+    rc, out = mender(mz, "install", artifact(mz, bundle, "zmonitor-db-14"))
+    assert rc == 0, out
+    assert mender(mz, "commit")[0] == 0
+    run = mz.history()[-1]
+    inv = mender_inventory(mz)
+    assert inv["zmonitor_db_schema_version"] == ["14"]
+    assert inv["zmonitor_migrate_last_sequence"] == ["1"]
+    assert inv["zmonitor_migrate_last_outcome"] == ["applied"]
+    assert inv["zmonitor_migrate_last_run_id"] == [run["run_id"]]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ",
+                        inv["zmonitor_migrate_last_run_at"][0])
+    assert inv["zmonitor_migrate_run_in_progress"] == ["no"]
+    assert inv["zmonitor_migrate_operator_needed"] == ["no"]
+    assert "zmonitor_migrate_inventory_error" not in inv
+
+    # A tampered bundle: refused before the app is touched, recorded as a failed run.
+    data = bytearray(mz.dev.path(bundle).read_bytes())
+    data[data.find(b"early_warning_score INTEGER")] ^= 0x20
+    mz.dev.put(bytes(data), f"{E2E}/bundles/tampered.zmb")
+    rc, out = mender(mz, "install", artifact(mz, f"{E2E}/bundles/tampered.zmb", "bad"))
+    assert rc != 0, out
+    inv = mender_inventory(mz)
+    assert inv["zmonitor_db_schema_version"] == ["14"]
+    assert inv["zmonitor_migrate_last_sequence"] == ["1"]
+    assert inv["zmonitor_migrate_last_outcome"] == ["rejected"]
+    assert inv["zmonitor_migrate_last_error"] == [mz.history()[-1]["error"]["kind"]]
+    assert inv["zmonitor_migrate_operator_needed"] == ["no"]
+
+
+def test_inventory_reports_an_unreadable_state_and_exits_0(mz: ZMonitor) -> None:
+    mz.run(f"echo 'not json' > {STATE}/anti-rollback.json", check=True)
+    inv = mender_inventory(mz)
+    assert inv["zmonitor_migrate_operator_needed"] == ["yes"]
+    assert any(e.startswith("anti-rollback state: ")
+               for e in inv["zmonitor_migrate_inventory_error"])
+    assert inv["zmonitor_db_schema_version"] == ["4"]

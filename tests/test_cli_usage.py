@@ -82,7 +82,7 @@ def env(tmp_path: Path, sample_db_v10: Path, release_key: tuple[Path, Path],
 BAD: list[tuple[list[str], str] | tuple[list[str], str, int]] = [
     # the configuration file and --db
     (["--config", "{missing}", "status"], "does not exist"),
-    (["--config", "{dir}", "status"], "cannot be read"),
+    (["--config", "{dir}", "status"], "is not a regular file"),
     (["--config", "{file}", "status"], "config"),
     (["status", "--db", "{dir}"], "argument --db"),
     (["status", "--db", "{missing}"], "does not exist"),
@@ -315,7 +315,9 @@ def test_reapply_after_rollback_tells_the_truth(device: Device, shipped_bundle: 
     assert "rehearsal: rehearsal" not in log and "applying: applying" not in log
     assert " rows " not in log
 
-    rolled = device.cli("rollback", "--to", "12", "--source", str(SHIPPED), check=True)
+    device.set_config(allow_unsigned_source=True)  # a developer machine: --source is unsigned
+    rolled = device.cli("rollback", "--to", "12", "--source", str(SHIPPED), "--unsigned-source",
+                        check=True)
     assert "sequence 0" not in rolled.stderr and "not verified" in rolled.stderr
 
     again = device.cli("apply", str(shipped_bundle))

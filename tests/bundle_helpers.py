@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from zmonitor_migrated import cli_bundle
+from zmonitor_migrated import cli_bundle, sources
 from zmonitor_migrated import config as config_mod
 from zmonitor_migrated.bundle import build
 from zmonitor_migrated.errors import MigrateError
@@ -96,6 +96,18 @@ def build_bundle(src: Path, out: Path, keys: Sequence[KeyPair], sequence: int = 
                  created: datetime = T0, expires: datetime = FAR) -> Path:
     build(src, out, [k.key for k in keys], sequence, created=created, expires=expires)
     return out
+
+
+def build_unlinted(src: Path, out: Path, keys: Sequence[KeyPair], sequence: int = 1, *,
+                   created: datetime = T0, expires: datetime = FAR) -> Path:
+    """A bundle signed without the build's lint: what an older tool, or a signer who
+    skips the checks, would send. The device must refuse what lint would have."""
+    from unittest import mock
+
+    from zmonitor_migrated import bundle as bundle_mod
+
+    with mock.patch.object(bundle_mod, "_lint", sources.load):
+        return build_bundle(src, out, keys, sequence, created=created, expires=expires)
 
 
 def sha256_file(path: Path) -> str:

@@ -30,6 +30,7 @@ from bundle_helpers import (
     KeyPair,
     RawMember,
     build_bundle,
+    build_unlinted,
     dir_snapshot,
     flip,
     make_db,
@@ -480,13 +481,13 @@ def _(env: Env):
 @case("checks/post.yaml that does not parse", "malformed")
 def _(env: Env):
     (env.src / "checks" / "post.yaml").write_text("checks: []\n")
-    return build_bundle(env.src, env.tmp / "post.zmb", [env.a], SEQUENCE), {}
+    return build_unlinted(env.src, env.tmp / "post.zmb", [env.a], SEQUENCE), {}
 
 
 @case("schema/database.yaml that does not parse", "malformed")
 def _(env: Env):
     (env.src / "schema" / "database.yaml").write_text("tables: {}\n")
-    return build_bundle(env.src, env.tmp / "spec.zmb", [env.a], SEQUENCE), {}
+    return build_unlinted(env.src, env.tmp / "spec.zmb", [env.a], SEQUENCE), {}
 
 
 @case("sequence below the state file's floor", "rollback")

@@ -387,6 +387,11 @@ def test_daemon_with_a_hostile_inbox_file_name(device, tmp_path: Path) -> None: 
     assert any("evil\\nWATCHDOG=trigger" in line for line in ours)
     status = json.loads((device.root / "run" / "status.json").read_text(encoding="utf-8"))
     assert plain_line(status["message"]) and plain_line(status["status"])
-    raw = (device.root / "state" / "history.jsonl").read_bytes().decode("utf-8")
+    # The daemon refuses such a name before any run (kind bad-name): a warning with the
+    # name shown escaped, no run and so no history line; the history's own escaping is
+    # test_history_lines_property's.
+    assert any(line.startswith("<4>") and "bad-name" in line for line in ours), err
+    history = device.root / "state" / "history.jsonl"
+    raw = history.read_bytes().decode("utf-8") if history.exists() else ""
     for line in raw.splitlines():
         assert plain_line(json.dumps(json.loads(line), ensure_ascii=False))

@@ -8,6 +8,7 @@ running, every row that existed before still there (the monitor only appends vit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,13 +16,14 @@ import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
 from bundle_helpers import make_key
 from conftest import NOW, SHIPPED, VALID, Device, add_migration, max_vitals_rowid, table_rows
 
-from zmonitor_migrated import bundle
+from zmonitor_migrated import bundle, sources
 from zmonitor_migrated.device_state import (
     FLOOR_FILE,
     DeviceState,
@@ -40,16 +42,19 @@ DAY = timedelta(days=1)
 # -- helpers ------------------------------------------------------------------------------
 def variant(tmp: Path, key: Path, sequence: int, *, name: str | None = None,
             edit: Callable[[Path], None] | None = None, created: datetime = NOW,
-            expires: datetime | None = None) -> Path:
-    """A signed bundle from a copy of the shipped source, changed by ``edit``."""
+            expires: datetime | None = None, lint: bool = True) -> Path:
+    """A signed bundle from a copy of the shipped source, changed by ``edit``; with
+    ``lint`` off, signed the way a signer who skips the build's lint would."""
     label = name or f"s{sequence}"
     src = tmp / f"{label}-src"
     shutil.copytree(SHIPPED, src)
     if edit is not None:
         edit(src)
     out = tmp / f"{label}.zmb"
-    bundle.build(src, out, [key], sequence, created=created,
-                 expires=expires or created + VALID)
+    skip_lint = mock.patch.object(bundle, "_lint", sources.load)
+    with contextlib.nullcontext() if lint else skip_lint:
+        bundle.build(src, out, [key], sequence, created=created,
+                     expires=expires or created + VALID)
     return out
 
 
@@ -272,16 +277,20 @@ def test_a_dry_run_records_nothing(device: Device, key: Path, tmp_path: Path) ->
     assert not floor_file(device).exists()
 
 
-def test_after_a_rollback_the_same_bundle_is_a_no_op(device: Device,
-                                                     shipped_bundle: Path) -> None:
+def test_after_a_rollback_the_same_bundle_is_refused_naming_what_is_pending(
+        device: Device, shipped_bundle: Path) -> None:
+    """Not "nothing to do" (exit 0) while status shows migrations pending: exit 3 with
+    the pending versions and the way forward, nothing touched, the app never stopped."""
     assert device.cli("apply", str(shipped_bundle)).returncode == 0
     rb = device.cli("rollback", "--to", "10", "--bundle", str(shipped_bundle))
     assert rb.returncode == 0, rb.stderr
     assert floor_of(device)["rolled_back_to"] == 10
     forget_calls(device)
     proc = device.cli("apply", str(shipped_bundle), "--json")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["outcome"] == "up-to-date"
+    assert proc.returncode == 3, proc.stderr
+    error = json.loads(proc.stdout)["error"]
+    assert error["kind"] == "rollback" and "0011" in error["message"], error
+    assert "--sequence 2" in error["message"], error
     assert version(device.db) == 10 and stops(device) == []
 
 
@@ -410,9 +419,9 @@ VERDICTS: dict[str, tuple[str, Callable[[Path, Path], Path]]] = {
     "valid longer than max_validity_days": ("validity-too-long", lambda tmp, key: variant(
         tmp, key, 2, expires=NOW + 731 * DAY)),
     "post.yaml not a list of checks": ("malformed", lambda tmp, key: variant(
-        tmp, key, 2, edit=replace_file("checks/post.yaml", "checks: []\n"))),
+        tmp, key, 2, edit=replace_file("checks/post.yaml", "checks: []\n"), lint=False)),
     "database.yaml without a table": ("malformed", lambda tmp, key: variant(
-        tmp, key, 2, edit=replace_file("schema/database.yaml", "tables: {}\n"))),
+        tmp, key, 2, edit=replace_file("schema/database.yaml", "tables: {}\n"), lint=False)),
 }
 
 
@@ -450,10 +459,11 @@ def test_bundle_verify_threshold_can_only_raise(device: Device, shipped_bundle: 
     second = make_key(tmp_path / "clinical")
     shutil.copy(second.pub, device.root / "trusted.d" / second.pub.name)
     device.set_config(signature_threshold=2)
-    for lower in ("0", "1"):
-        proc = device.cli("bundle", "verify", str(shipped_bundle), "--threshold", lower)
-        assert proc.returncode == 2, proc.stdout + proc.stderr
-        assert "signature_threshold 2" in proc.stderr
+    proc = device.cli("bundle", "verify", str(shipped_bundle), "--threshold", "1")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "signature_threshold 2" in proc.stderr
+    proc = device.cli("bundle", "verify", str(shipped_bundle), "--threshold", "0")
+    assert proc.returncode == 2 and "--threshold" in proc.stderr, proc.stdout + proc.stderr
     proc = device.cli("bundle", "verify", str(shipped_bundle), "--json")
     assert (proc.returncode, json.loads(proc.stdout)["error"]["kind"]) == \
         (3, "threshold-not-met")

@@ -74,9 +74,10 @@ from .config import Config
 from .errors import LockHeld, MigrateError, RestoreFailed
 from .fsutil import atomic_write, fsync_dir, remove_stale_temps
 from .lock import RunLock
-from .progress import NotifySink, Reporter, default_sinks
+from .progress import NotifySink, Reporter, default_sinks, stream_is_journal
 from .recovery import recover
 from .services import for_unit
+from .text import clean
 
 SETTLE_S = 1.0
 IDLE_WAKE_S = 2.0
@@ -90,12 +91,21 @@ ATTEMPTS_FILE = "inbox-attempts.json"
 REASON_SUFFIX = ".reason.json"
 _COPY_CHUNK = 1024 * 1024
 
+# Refusals that say someone may be trying something (a signature, the device policy, a
+# tampered or unsafe archive) rather than that a bundle is broken or does not fit.
+SECURITY_KINDS = frozenset({
+    "bad-signature", "untrusted-key", "threshold-not-met", "revoked-key", "hash-mismatch",
+    "unlisted-member", "missing-member", "unsafe-member", "rollback", "expired",
+    "not-yet-valid", "validity-too-long", "wrong-device", "applied-migration-changed",
+    "anti-rollback-state"})
+
 log = logging.getLogger(__name__)  # debug only: tracebacks of internal errors
 
 
 def _warn(message: str) -> None:
-    """A warning on stderr with journald's priority prefix, as the reporter's log lines."""
-    print(f"<4>inbox: {escape_name(message)}", file=sys.stderr, flush=True)
+    """A warning on stderr, prefixed for journald only when stderr is the journal."""
+    head = "<4>" if stream_is_journal(sys.stderr) else ""
+    print(f"{head}inbox: {clean(message)}", file=sys.stderr, flush=True)
 Tick = Callable[[], None]
 
 
@@ -556,6 +566,16 @@ def _reject_stray(entry: Entry, rejected_dir: Path) -> dict[str, Any]:
 class InboxWorker:
     """Handles inbox entries one at a time; nothing one entry does stops the loop."""
 
+    def _report_rejection(self, name: str, reason: dict[str, Any]) -> None:
+        """A refusal is a warning in the journal with its kind and reason (the reason file
+        keeps the same); a refusal for a security reason is an alert."""
+        kind = str(reason.get("kind", "?"))
+        text = f"{name}: rejected [{kind}]: {reason.get('message', '')}"
+        if kind in SECURITY_KINDS:
+            self.reporter.alert("bundle-rejected", text)
+        else:
+            self.reporter.emit("idle", text, level="warning")
+
     def __init__(self, config: Config, reporter: Reporter, stop: _Stop,
                  ping: Tick) -> None:
         self.config = config
@@ -624,8 +644,10 @@ class InboxWorker:
             outcome = summary["outcome"]
             if outcome == "blocked":
                 return summary
-            if outcome != "skipped":
-                self.reporter.emit("idle", f"{clean_name(entry.name)}: {outcome}")
+            if outcome == "rejected":
+                self._report_rejection(entry.name, summary.get("reason") or {})
+            elif outcome != "skipped":
+                self.reporter.emit("idle", f"{entry.name}: {outcome}")
             if outcome == "locked":
                 return summary
         return None

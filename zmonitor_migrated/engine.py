@@ -344,7 +344,7 @@ def _bookkeeping_schema(conn: sqlite3.Connection) -> list[tuple[object, ...]]:
 
 
 _RANGE_SEARCH = re.compile(r"^SEARCH (?P<t>\S+) USING (?:INTEGER PRIMARY KEY|(?:COVERING )?"
-                           r"INDEX \S+) \((?:.* AND )?rowid>\? AND rowid<\?\)$", re.IGNORECASE)
+                           r"INDEX \S+) \((?:.* AND )?rowid>\? AND rowid<\?\)\Z", re.IGNORECASE)
 
 
 class _Recorder(MigrationAuthorizer):
@@ -387,7 +387,7 @@ _BATCH_DML = re.compile(
     rf"^\s*(?P<verb>UPDATE(?:\s+OR\s+\w+)?|DELETE\s+FROM)\s+"
     rf"(?P<name>(?:{_NAME}\s*\.\s*)?(?P<table>{_NAME}))"
     rf"(?P<alias>\s+(?:AS\s+)?(?!(?:SET|WHERE|INDEXED|NOT|RETURNING|ORDER|LIMIT)\b)"
-    rf"(?P<alias_name>{_NAME}))?(?P<rest>.*)$", re.IGNORECASE | re.DOTALL)
+    rf"(?P<alias_name>{_NAME}))?(?P<rest>.*)\Z", re.IGNORECASE | re.DOTALL)
 
 
 def _unquote(name: str) -> str:

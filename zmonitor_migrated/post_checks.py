@@ -196,11 +196,11 @@ Job = list[tuple[int, Check]]
 
 _COUNT_WHERE = re.compile(
     r'^\s*SELECT\s+COUNT\s*\(\s*\*\s*\)\s+FROM\s+("?)([A-Za-z_][A-Za-z0-9_]*)\1'
-    r"\s+WHERE\s+(?P<cond>.+?)[\s;]*$", re.IGNORECASE | re.DOTALL)
+    r"\s+WHERE\s+(?P<cond>.+?)[\s;]*\Z", re.IGNORECASE | re.DOTALL)
 
 
 def _scans_whole_table(conn: sqlite3.Connection, sql: str, table: str) -> bool:
-    full = re.compile(rf"^SCAN (TABLE )?{re.escape(table)}$", re.IGNORECASE)
+    full = re.compile(rf"^SCAN (TABLE )?{re.escape(table)}\Z", re.IGNORECASE)
     conn.set_authorizer(_read_only)
     try:
         rows = conn.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()

@@ -24,7 +24,7 @@ import sqlite3
 from dataclasses import dataclass
 
 _TX = re.compile(r"^(BEGIN(\s+(DEFERRED|IMMEDIATE|EXCLUSIVE))?(\s+TRANSACTION)?|"
-                 r"COMMIT(\s+TRANSACTION)?|END(\s+TRANSACTION)?)\s*;?$", re.IGNORECASE)
+                 r"COMMIT(\s+TRANSACTION)?|END(\s+TRANSACTION)?)\s*;?\Z", re.IGNORECASE)
 _VERSION_ROW = re.compile(
     r"^(INSERT(\s+OR\s+\w+)?\s+INTO|DELETE\s+FROM|REPLACE\s+INTO)\s+"
     r"[\"`\[]?schema_version[\"`\]]?[\s(]",

@@ -290,7 +290,9 @@ def test_hostile_inbox_corpus(device: Device, shipped_bundle: Path, tmp_path: Pa
         assert got[escape_name(bad_utf8_name)]["original_name_hex"] == \
             b"bad-\xff\xfe-name.zmb".hex()
         assert "not UTF-8" in str(got["yaml-not-utf8.zmb"]["message"])
-        assert "deeper" in str(got["yaml-deep.zmb"]["message"])
+        # Our depth bound, or libyaml's own flow-depth limit (newer libyaml builds stop at
+        # 1,000 levels before our walk sees the 33rd): refused either way, never a crash.
+        assert re.search(DEEP, str(got["yaml-deep.zmb"]["message"]))
         assert "alias" in str(got["yaml-laughs.zmb"]["message"])
         for i in range(12):  # a vanished file is either gone or set aside with its reason
             name = f"vanish-{i}.zmb"
@@ -414,9 +416,10 @@ def test_bundle_larger_than_state_free_space(device: Device, shipped_bundle: Pat
 
 # -- bundle.yaml and manifest JSON: bounded, and every failure a typed rejection ----------
 
+DEEP = r"deeper|maximum nesting depth"
 YAML_CASES = {
     "not-utf8": (b"name: a\ndevice_types: [x]\ndescription: \xff\n", "not UTF-8"),
-    "deep-flow": (b"name: a\nx: " + b"[" * 20000 + b"]" * 20000, "deeper"),
+    "deep-flow": (b"name: a\nx: " + b"[" * 20000 + b"]" * 20000, DEEP),
     "deep-block": (b"".join(b"  " * i + b"k:\n" for i in range(100)), "deeper"),
     "alias": (b"name: a\ndevice_types: &d [x]\nother: *d\n", "alias"),
     "two-docs": (b"name: a\n---\nname: b\n", "more than one"),
@@ -437,7 +440,7 @@ def test_load_info_refuses_hostile_yaml(tmp_path: Path, case: str) -> None:
     started = time.monotonic()
     with pytest.raises(BundleRejected) as err:
         sources.load_info(tmp_path)
-    assert words in err.value.message and "bundle.yaml" in err.value.message
+    assert re.search(words, err.value.message) and "bundle.yaml" in err.value.message
     assert "\n" not in err.value.message
     assert time.monotonic() - started < 5
 

@@ -573,6 +573,27 @@ def test_rejection_that_cannot_be_written_does_not_stop_the_loop(
     assert scan_inbox(inbox) == []
 
 
+def test_an_error_outside_the_run_is_still_a_rejection(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's own bookkeeping around a bundle (here: the attempt record cannot be
+    written, as on a state dir with the wrong permissions) fails: that bundle is rejected with
+    kind internal and the loop goes on; nothing escapes to kill the daemon."""
+    from zmonitor_migrated.daemon import scan_inbox
+
+    worker, inbox = _worker(tmp_path)
+    _put(inbox / "a.zmb", 10)
+
+    def broken(*_a: object, **_k: object) -> None:
+        raise OSError(13, "Permission denied")
+
+    monkeypatch.setattr(worker.attempts, "begin", broken)  # type: ignore[attr-defined]
+    (entry,) = scan_inbox(inbox)
+    summary = worker.handle(entry)  # type: ignore[attr-defined]
+    assert summary["outcome"] == "rejected", summary
+    assert summary["reason"]["kind"] == "internal", summary
+    assert "Permission denied" in summary["reason"]["message"]
+
+
 _DIE_WHILE_HANDLING = """
 import os, sys
 sys.path.insert(0, {tests!r})

@@ -111,7 +111,8 @@ def _text(value: object) -> str:
 def repo_files() -> list[str]:
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                          cwd=REPO, capture_output=True, check=True).stdout
-    return sorted({f for f in out.decode().split("\0") if f and (REPO / f).is_file()})
+    return sorted({f for f in out.decode().split("\0")
+                   if f and ((REPO / f).is_file() or (REPO / f).is_symlink())})
 
 
 def make_copy(files: list[str], parent: Path, name: str) -> Path:

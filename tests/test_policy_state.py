@@ -573,3 +573,17 @@ def test_the_daemon_seeds_the_floor_at_start(tmp_path: Path) -> None:
     daemon._seed_floor(config, Reporter([]))
     floor = read_floor(tmp_path / "state")
     assert floor is not None and floor.sequence == 7
+
+
+def test_a_hand_applied_version_does_not_end_the_check_of_later_ones(
+        manifest: Manifest) -> None:
+    """A version recorded without a hash (applied by hand) is skipped, and every later
+    applied version is still checked: an edited migration after it is refused."""
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    applied: dict[int, str | None] = {m.version: m.sha256 for m in manifest.migrations[:5]}
+    applied[2] = None
+    assert _policy(manifest, now=now, applied=applied) == Decision.APPLY
+    applied[4] = "0" * 64  # version 4, after the unhashed 2, was edited
+    with pytest.raises(BundleRejected) as err:
+        _policy(manifest, now=now, applied=applied)
+    assert err.value.kind == "applied-migration-changed" and "migration 4" in err.value.message

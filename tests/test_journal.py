@@ -135,3 +135,33 @@ def test_phase_times(tmp_path: Path) -> None:
     assert times == {"received": 0.5, "verified": 1.5, "prechecked": 0.25,
                      "app_stopped": 0.75, "backed_up": 0.5, "applying": 2.5,
                      "validated": 0.1}
+
+
+def test_a_journal_this_user_cannot_read_says_so_and_never_advises_moving_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EACCES (a non-root ``status``) is not damage: the message names the permission and
+    root, never "move it aside", since recovery relies on that file."""
+    from zmonitor_migrated.errors import UsageError
+
+    path = tmp_path / "journal.json"
+    path.write_text("{}")
+
+    def denied(*_a: object, **_k: object) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(UsageError) as err:
+        Journal.load(path)
+    assert "permission denied" in err.value.message and "root" in err.value.message
+    assert "aside" not in err.value.message
+
+
+@pytest.mark.parametrize("text", ["[]", '{"phase": "applying"}', '{"run_id": "r", "phase": 7}',
+                                  '{"run_id": "r", "phase": "applying", "phases": 5}'])
+def test_a_journal_of_the_wrong_shape_is_unreadable_not_a_crash(tmp_path: Path,
+                                                                text: str) -> None:
+    path = tmp_path / "journal.json"
+    path.write_text(text)
+    with pytest.raises(Exception, match="unreadable") as err:
+        Journal.load(path)
+    assert "aside" not in str(err.value)

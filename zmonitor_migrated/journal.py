@@ -33,7 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .errors import MigrateError
+from .errors import MigrateError, UsageError
 from .fsutil import atomic_write
 
 
@@ -95,6 +95,14 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + os.urandom(3).hex()
 
 
+def _damaged(path: Path, exc: BaseException) -> MigrateError:
+    return MigrateError(f"run journal {path} is unreadable ({type(exc).__name__}: {exc}); it "
+                        "is written atomically, so the disk or a person changed it. Recovery "
+                        "relies on it: keep it (copy it before any repair), check the disk, "
+                        "and restore the newest backup with 'zmonitor-migrate restore' if "
+                        "the database is in doubt")
+
+
 @dataclass
 class Journal:
     path: Path
@@ -119,14 +127,21 @@ class Journal:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
+        except PermissionError:
+            # Not damage: this user may not read the state dir. Recovery relies on this
+            # file, so the advice is never to move it.
+            raise UsageError(f"run journal {path} cannot be read by this user (permission "
+                             "denied); the state dir belongs to root: run the command as "
+                             "root (sudo zmonitor-migrate ...)", kind="permission") from None
         except (OSError, ValueError) as exc:
-            raise MigrateError(f"run journal {path} is unreadable ({exc}); it is written "
-                               "atomically, so this means the disk or a person changed it: "
-                               "inspect it, then move it aside") from None
-        return cls(path=path, run_id=raw["run_id"], phase=Phase(raw["phase"]),
-                   outcome=raw.get("outcome"), failed=bool(raw.get("failed")),
-                   data=raw.get("data", {}),
-                   phases=[(p, t) for p, t in raw.get("phases", [])])
+            raise _damaged(path, exc) from None
+        try:
+            return cls(path=path, run_id=raw["run_id"], phase=Phase(raw["phase"]),
+                       outcome=raw.get("outcome"), failed=bool(raw.get("failed")),
+                       data=raw.get("data", {}),
+                       phases=[(p, t) for p, t in raw.get("phases", [])])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _damaged(path, exc) from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "phase": self.phase.value, "outcome": self.outcome,

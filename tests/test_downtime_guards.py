@@ -131,6 +131,23 @@ def finish(proc: subprocess.Popen[str], timeout: float = 180) -> tuple[int, dict
     return proc.returncode, json.loads(lines[0]), err
 
 
+def apply_stepping_at_applying(dev: Device, bundle: Path, writer: Helper
+                                ) -> tuple[int, dict[str, object], str]:
+    """``apply`` in a subprocess; ``writer`` takes its next step once the journal shows
+    ``applying`` (while the copy is migrated, the live file untouched), then the run
+    finishes. The step must land inside that phase, or the test proves nothing."""
+    proc = popen_apply(dev, bundle)
+    try:
+        journal = dev.root / "state" / "journal.json"
+        wait_for_phase(journal, {"applying"}, proc)
+        writer.step()
+        assert journal_phase(journal) == "applying", "the writer's step came too late"
+        return finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 class Helper:
     """A second process on the live database, driven line by line through stdin: each
     line sent runs the next step of its script, and it answers each with a line."""
@@ -394,16 +411,7 @@ def test_a_wal_commit_while_the_app_is_stopped_is_refused_and_its_row_kept(
         writer = Helper(dev.db, [f"conn.execute({copy_vitals_row_sql('GUARD-WAL')!r})"],
                         dev.env)
         helpers.append(writer)
-        proc = popen_apply(dev, slow_bundle)
-        try:
-            journal = dev.root / "state" / "journal.json"
-            wait_for_phase(journal, {"applying"}, proc)
-            writer.step()
-            assert journal_phase(journal) == "applying", "the commit came too late"
-            code, out, err = finish(proc)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        code, out, err = apply_stepping_at_applying(dev, slow_bundle, writer)
         assert code == 5, err[-3000:]
         assert error_kind(out) == "concurrent-writer"
         writer.end()
@@ -432,16 +440,7 @@ def test_an_open_rollback_journal_of_the_old_file_is_not_replayed_into_the_migra
                              f"assert os.path.getsize({str(dev.db) + '-journal'!r}) > 0"],
                     dev.env)
     helpers.append(writer)
-    proc = popen_apply(dev, slow_bundle)
-    try:
-        journal = dev.root / "state" / "journal.json"
-        wait_for_phase(journal, {"applying"}, proc)
-        writer.step()
-        assert journal_phase(journal) == "applying", "the transaction came too late"
-        code, _out, err = finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code, _out, err = apply_stepping_at_applying(dev, slow_bundle, writer)
     writer.end()  # dies holding the transaction, as a killed writer would
     assert code == 0, err[-3000:]
     # Opened read-write, as the app opens it: a hot journal would be rolled back now.

@@ -201,12 +201,12 @@ def cmd_gate(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_restore(args: argparse.Namespace, config: Config) -> int:
-    from .maintenance import _pick_backup, restore
+    from .maintenance import pick_backup, restore
 
     # Which backup, decided read-only before the lock is taken: an unknown --run or an
     # empty backup dir is a usage error that creates nothing (restore decides again
     # under the lock, after finishing any interrupted run).
-    _pick_backup(config, args.backup, args.run)
+    pick_backup(config, args.backup, args.run)
     path = restore(config, backup=args.backup, run_id=args.run, wait=args.wait,
                    reporter=_reporter(args, config))
     _print(args, {"ok": True, "restored": str(path)}, [f"restored {path}"])

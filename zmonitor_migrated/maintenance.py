@@ -28,6 +28,7 @@ from .device_state import device_state, mark_rolled_back, seed_floor
 from .errors import BundleRejected, LockHeld, PrecheckFailed, RestoreFailed, UsageError
 from .journal import BEFORE_SWAP, Journal, Phase
 from .lock import RunLock
+from .pipeline import Verified, drive, verify_for_rollback
 from .progress import Reporter
 from .recovery import recover, restore_after_failure
 from .services import for_unit
@@ -57,7 +58,7 @@ def gate(config: Config, reporter: Reporter) -> tuple[bool, str]:
     return True, f"finished interrupted run {journal.run_id}: {outcome}"
 
 
-def _pick_backup(config: Config, backup: Path | None, run_id: str | None) -> Path:
+def pick_backup(config: Config, backup: Path | None, run_id: str | None) -> Path:
     if backup is not None:
         return backup.absolute()
     if run_id is not None:
@@ -92,7 +93,7 @@ def restore(config: Config, *, backup: Path | None = None, run_id: str | None = 
     with RunLock(config.lock_path, wait=wait):
         recover(config, services=services, reporter=reporter)
         _seed_before_restore(config, reporter)
-        path = _pick_backup(config, backup, run_id)
+        path = pick_backup(config, backup, run_id)
         digest = backups.verify(path)  # refuse a damaged backup before stopping anything
         started = time.time()
         journal = Journal.create(config.journal_path, bundle=None, operation="restore",
@@ -150,8 +151,6 @@ def rollback(config: Config, *, to: int, source_dir: Path | None, bundle: Path |
     """``bundle``: admitted like apply (signature, device type, anti-rollback floor,
     time, applied hashes); the floor's own bundle is recorded as rolled back, so the same
     bundle again is a no-op and going forward needs a higher sequence."""
-    from .pipeline import Verified, _verify_only, drive
-
     if (source_dir is None) == (bundle is None):
         raise UsageError("rollback needs exactly one of --bundle B.zmb (verified first) or "
                          "--source DIR (holding migrations/rollback/)")
@@ -163,7 +162,7 @@ def rollback(config: Config, *, to: int, source_dir: Path | None, bundle: Path |
 
     def obtain(run_dir: Path) -> Verified:
         if bundle is not None:
-            used.append(_verify_only(config, bundle, run_dir, tick=reporter.heartbeat))
+            used.append(verify_for_rollback(config, bundle, run_dir, tick=reporter.heartbeat))
             return used[-1]
         assert source_dir is not None
         src = sources.load(source_dir)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backup as backups
-from . import dbinfo, fsutil, history
+from . import dbinfo, fsutil, history, swap
 from .config import Config
 from .engine import Engine, Interrupted, Progress, watch
 from .errors import (
@@ -55,6 +55,7 @@ from .journal import Journal, Phase
 from .lock import RunLock
 from .plan import Plan
 from .progress import Reporter, format_duration
+from .recovery import recover, restore_after_failure, start_app
 from .services import ServiceManager, for_unit
 from .sources import Source
 
@@ -388,38 +389,6 @@ class Run:
         finally:
             conn.close()
 
-    def quiesce(self) -> str:
-        """Make the live file self-contained (no WAL content, no hot journal) and prove
-        nobody else holds it. Returns its journal mode."""
-        try:
-            conn = sqlite3.connect(self.db, isolation_level=None, timeout=2.0)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("ROLLBACK")
-                mode = dbinfo.journal_mode(conn)
-                if mode == "wal":
-                    busy, _log, _ckpt = conn.execute(
-                        "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                    if busy:
-                        raise sqlite3.OperationalError("database is locked")
-            finally:
-                conn.close()
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise MigrateError(
-                    f"{self.db} is still locked by another process after the app was "
-                    "stopped (the app did not really stop, or something else holds the "
-                    "database); nothing was changed", kind="database-locked") from None
-            raise
-        wal = self.db.with_name(self.db.name + "-wal")
-        if wal.exists() and wal.stat().st_size:
-            raise MigrateError(f"{wal} still holds data after a checkpoint; nothing was "
-                               "changed", kind="wal-not-empty")
-        if self.db.with_name(self.db.name + "-journal").exists():
-            raise MigrateError(f"a hot journal next to {self.db} survived opening the "
-                               "database; nothing was changed", kind="hot-journal")
-        return mode
-
     def execute(self, verified: Verified, *, dry_run: bool, target: int | None,
                 allow_long: bool, run_dir: Path) -> RunResult:
         j = self.journal
@@ -460,7 +429,8 @@ class Run:
         cfg = self.config
         j = self.journal
         assert j is not None
-        copy = self.db.with_name(f"{self.db.name}.migrating-{j.run_id}")
+        copy = swap.copy_path(self.db, j.run_id)
+        work = swap.WorkingCopy(self.db, copy)
         live_ino = os.stat(self.db).st_ino
         j.advance(Phase.APP_STOPPED, copy=str(copy), live_inode=live_ino,
                   app_unit=self.services.name)
@@ -479,17 +449,14 @@ class Run:
             self.emit("app_stopped", f"stopping {self.services.name}" if self.services.name
                       else "no app unit configured (app_unit: null): nothing to stop")
             self.services.stop(cfg.stop_timeout_s, tick=self.reporter.heartbeat)
-            mode = self.quiesce()
+            mode = swap.quiesce(self.db)
             version = the_plan.current
             # The working copy is copied in the kernel; the backup is a hard link to the
             # same, now untouched, inode, hashed on another core while the copy is
             # migrated. Its checksum is durable before the swap, the first moment a
             # restore could need it (before that the live file is the original, and
             # recovery removes a link to it).
-            original = _content_stamp(self.db)
-            fsutil.copy_fast(self.db, copy)
-            bk = backups.take(self.db, cfg.backup_dir, version, defer_hash=True)
-            hasher = fsutil.InBackground(fsutil.sha256_file, bk.path) if not bk.sha256 else None
+            bk = work.take(cfg.backup_dir, version, mode)
             # The row counts the validation compares against are those of the database the
             # app left behind, not of the pre-check (the app kept writing until the stop):
             # counted on the quiesced live file, beside the apply.
@@ -500,11 +467,6 @@ class Run:
             self.record["backup"] = str(bk.path)
             self.emit("backed_up", f"backup {bk.path} ({'hard link' if bk.linked else 'copy'})")
             j.advance(Phase.APPLYING, migration=the_plan.pending[0].version)
-            if mode == "wal":
-                # The private copy needs no WAL while it is migrated: an in-memory
-                # rollback journal writes each page once instead of twice (WAL, then
-                # checkpoint). The original's WAL mode is put back before validation ends.
-                _set_journal_mode(copy, "delete")
             with Engine(copy, fast=True, min_batch=cfg.batch_size,
                         on_progress=self._progress("applying"),
                         should_stop=self._should_stop) as eng:
@@ -542,28 +504,10 @@ class Run:
                 raise MigrateError("post-migration validation failed: "
                                    + "; ".join(problems[:5]), kind="validation-failed")
             self.record["rows_after"] = rows_after
-            if mode == "wal":
-                _set_journal_mode(copy, mode)
-            fsutil.fsync_file(copy)
-            fsutil.copy_owner(self.db, copy)
-            if any(p.exists() for p in fsutil.sidecars(copy)):
-                raise MigrateError(f"side files of {copy} survived closing it",
-                                   kind="copy-sidecars")
-            if hasher is not None:
-                bk = backups.seal(bk, hasher.result())
-            if _content_stamp(self.db) != original:
-                # The copy, the backup and its sha256 must all be the same bytes.
-                raise MigrateError(f"{self.db} was written while the app was stopped: "
-                                   "another writer is active", kind="concurrent-writer")
+            bk = work.seal()
             j.advance(Phase.VALIDATED, backup_sha256=bk.sha256)
             j.advance(Phase.SWAPPING)
-            wal = self.db.with_name(self.db.name + "-wal")
-            if wal.exists() and wal.stat().st_size:
-                raise MigrateError(f"{wal} gained data while the app was stopped: another "
-                                   "writer is active", kind="concurrent-writer")
-            fsutil.remove_sidecars(self.db)
-            os.replace(copy, self.db)
-            fsutil.fsync_dir(self.db.parent)
+            work.swap_in()
             j.advance(Phase.SWAPPED, swapped=True)
             self.emit("swapped", f"migrated database is live at version {the_plan.target}")
             self.services.start()
@@ -598,8 +542,6 @@ class Run:
 
     def fail(self, err: MigrateError) -> None:
         """Failure after the stop: put the old database back, start the app, raise."""
-        from .recovery import restore_after_failure
-
         assert self.journal is not None
         self.reporter.alert("migration-failed", f"{err.kind}: {err.message}")
         try:
@@ -622,19 +564,17 @@ class Run:
         the journal stays in its last durable phase, whose recovery (discard) is what was
         just done, so a later ``recover`` closes the run idempotently. After the rename
         nothing is guessed: exit 6, every file kept."""
-        from .recovery import _discard_copy, _start_app, _swapped
-
         assert self.journal is not None
         where = f"{self.config.journal_path}: {exc.strerror or exc}"
-        if _swapped(self.config, self.journal):
+        if swap.went_live(self.db, self.journal):
             self.reporter.alert("restore-failed", f"the run journal cannot be written "
                                 f"({where}) after the migrated database went live; the app "
                                 "is left as it is; manual action needed")
             raise RestoreFailed(f"the run journal cannot be written ({where}) after the "
                                 "migrated database went live; free space, then run "
                                 "'zmonitor-migrate recover'") from None
-        _discard_copy(self.config, self.journal)
-        _start_app(self.services, self.reporter)
+        swap.discard(self.db, self.config.backup_dir, self.journal)
+        start_app(self.services, self.reporter)
         raise MigrationFailed(f"the run journal cannot be written ({where}); the live "
                               "database was never changed and the app runs on it; free space "
                               "in the state dir, then 'zmonitor-migrate recover' closes the "
@@ -654,7 +594,7 @@ def _classify(exc: BaseException) -> MigrateError:
     return MigrateError(f"{type(exc).__name__}: {exc}", kind="internal")
 
 
-def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime, *,
+def verify_bundle(config: Config, bundle_path: Path, run_dir: Path, now: datetime, *,
             record: bool = True, purpose: str = "apply",
             tick: Callable[[], None] | None = None) -> Verified:
     """Early signature check and private copy (``bundle.receive``), then
@@ -693,12 +633,12 @@ def _verify(config: Config, bundle_path: Path, run_dir: Path, now: datetime, *,
                     declared_loss=set(vb.manifest.declared_row_loss))
 
 
-def _verify_only(config: Config, bundle_path: Path, run_dir: Path,
+def verify_for_rollback(config: Config, bundle_path: Path, run_dir: Path,
                  now: datetime | None = None,
                  tick: Callable[[], None] | None = None) -> Verified:
     """For ``rollback --bundle``: the same admission as apply (signature, device type,
     anti-rollback floor, time, applied hashes, payload YAML), never "nothing to do"."""
-    return _verify(config, bundle_path, run_dir, now or datetime.now(UTC),
+    return verify_bundle(config, bundle_path, run_dir, now or datetime.now(UTC),
                    purpose="rollback", tick=tick)
 
 
@@ -722,7 +662,7 @@ def apply(bundle_path: Path, config: Config, *, services: ServiceManager | None 
     clock = now or (lambda: datetime.now(UTC))
     reporter = reporter or Reporter()
     # A dry run writes nothing, not even the anti-rollback floor.
-    return drive(config, lambda run_dir: _verify(config, bundle_path, run_dir, clock(),
+    return drive(config, lambda run_dir: verify_bundle(config, bundle_path, run_dir, clock(),
                                                  record=not dry_run,
                                                  tick=reporter.heartbeat),
                  label=str(bundle_path), services=services, reporter=reporter,
@@ -738,8 +678,6 @@ def drive(config: Config, obtain: Callable[[Path], Verified], *, label: str,
           rollback_to: int | None = None) -> RunResult:
     """The run skeleton shared by apply and rollback: lock, recover what an earlier run
     left, journal, obtain the verified source, execute, record."""
-    from .recovery import recover
-
     services = services or for_unit(config.app_unit, config.systemctl)
     reporter = reporter or Reporter()
     stop_requested = stop_requested or (lambda: False)
@@ -864,27 +802,6 @@ def write_metrics(config: Config) -> None:
     with contextlib.suppress(OSError):  # metrics are advisory; the history holds the truth
         history.write_metrics(config.metrics_path, history.render_metrics(
             history.read(config.history_path), current_version=version, db_size=size))
-
-
-def _content_stamp(path: Path) -> tuple[int, int]:
-    """What changes when a file's bytes do (not its ctime: the backup link changes that)."""
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
-
-
-def _set_journal_mode(path: Path, mode: str) -> None:
-    """Switch the private copy's journal mode. Without ``synchronous=OFF`` leaving WAL
-    fsyncs the whole freshly copied file (43 ms at 1M rows), which the swap's single
-    fsync does anyway."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA synchronous=OFF")
-        got = str(conn.execute(f"PRAGMA journal_mode={mode}").fetchone()[0]).lower()
-    finally:
-        conn.close()
-    if got != mode:
-        raise MigrateError(f"cannot switch {path} to {mode} journal mode (got {got})",
-                           kind="journal-mode")
 
 
 def _ensure_dirs(config: Config) -> None:

@@ -17,52 +17,18 @@ go on.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from . import backup as backups
-from . import fsutil, history
+from . import fsutil, history, swap
 from .config import Config
 from .errors import MigrateError, RestoreFailed
 from .journal import Journal, Phase
 from .progress import Reporter
 from .services import NoUnit, ServiceManager
-
-
-def _swapped(config: Config, journal: Journal) -> bool:
-    live_inode = journal.data.get("live_inode")
-    if live_inode is None:
-        return False
-    try:
-        return os.stat(config.database).st_ino != live_inode
-    except FileNotFoundError:
-        return True  # the live file is gone: only the backup can bring it back
-
-
-def _discard_copy(config: Config, journal: Journal) -> None:
-    copy = journal.data.get("copy")
-    if copy:
-        fsutil.remove(Path(copy))
-        fsutil.remove_sidecars(Path(copy))
-    # A hard link to the live inode stops being a point-in-time copy as soon as the app
-    # writes again; this run never swapped, so nothing depends on it. Look for every
-    # such link, not only the journal's: a kill between link(2) and the journal write
-    # that names the backup (the backup is hashed in between) leaves one unrecorded.
-    try:
-        live = os.stat(config.database)
-    except FileNotFoundError:
-        return
-    for path in backups.list_backups(config.database, config.backup_dir):
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            continue
-        if (st.st_ino, st.st_dev) == (live.st_ino, live.st_dev):
-            fsutil.remove(path)
-            fsutil.remove(backups.checksum_path(path))
 
 
 def restore_after_failure(config: Config, journal: Journal, services: ServiceManager,
@@ -77,7 +43,7 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
     restored = False
     replaced: str | None = None
     if journal.phase is Phase.RESTORING:
-        swapped = _swapped(config, journal)
+        swapped = swap.went_live(config.database, journal)
         if swapped:
             bk = journal.data.get("backup")
             try:
@@ -102,11 +68,11 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
                            + (f"; the database it replaced (with any rows written since the "
                               f"backup) is kept as {replaced}" if replaced else ""))
             restored = True
-        _discard_copy(config, journal)
+        swap.discard(config.database, config.backup_dir, journal)
         journal.advance(Phase.RESTORED, restored_backup=restored)
     if journal.phase is Phase.RESTORED:
         if not gate:
-            _start_app(services, reporter)
+            start_app(services, reporter)
         journal.advance(Phase.APP_STARTED)
     journal.close("restored" if journal.data.get("restored_backup") else "recovered-old")
     return restored
@@ -135,7 +101,7 @@ def _keep_replaced(config: Config, journal: Journal, reporter: Reporter,
     return kept
 
 
-def _start_app(services: ServiceManager, reporter: Reporter) -> None:
+def start_app(services: ServiceManager, reporter: Reporter) -> None:
     try:
         services.start()
     except MigrateError as exc:
@@ -196,9 +162,9 @@ def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
             journal.close("abandoned")
             outcome = "abandoned"
             if not gate and not services.is_active():
-                _start_app(services, reporter)
-        elif (action in ("resolve-swap", "finish", "commit") and _swapped(config, journal)) \
-                or action == "commit":
+                start_app(services, reporter)
+        elif (action in ("resolve-swap", "finish", "commit")
+              and swap.went_live(config.database, journal)) or action == "commit":
             try:
                 outcome = _finish_forward(config, journal, services, reporter, gate)
             except MigrateError as exc:

@@ -531,7 +531,7 @@ def test_cli_batch_header_on_one_table_updating_another_is_refused(
 def test_cli_runaway_migration_ends_the_rehearsal_within_its_limit(
         device: Device, tmp_path: Path, release_key: tuple[Path, Path],
         attacker: None) -> None:
-    from zmonitor_migrated.pipeline import REHEARSAL_FACTOR, REHEARSAL_SLACK_S
+    from zmonitor_migrated.rehearsal import REHEARSAL_FACTOR, REHEARSAL_SLACK_S
 
     budget = 2.0
     device.set_config(max_downtime_s=budget)

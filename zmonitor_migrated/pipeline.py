@@ -40,14 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from . import backup as backups
-from . import dbinfo, fsutil, history, swap
+from . import bundle as bundle_mod
+from . import dbinfo, fsutil, history, prechecks, swap
+from .admission import admit
+from .archive import Caps
 from .config import Config
 from .engine import Engine, Interrupted, Progress, watch
 from .errors import (
     BundleRejected,
     MigrateError,
     MigrationFailed,
-    PlanError,
     PrecheckFailed,
     RestoreFailed,
 )
@@ -56,8 +58,12 @@ from .lock import RunLock
 from .plan import Plan
 from .progress import Reporter, format_duration
 from .recovery import recover, restore_after_failure, start_app
+from .rehearsal import Rehearsal, Rehearsed
 from .services import ServiceManager, for_unit
 from .sources import Source
+from .trust import TrustStore
+from .validate import validate
+from .verify import Decision, Purpose
 
 BUNDLES_DDL = """CREATE TABLE IF NOT EXISTS zmonitor_migrated_bundles (
     sequence INTEGER PRIMARY KEY,
@@ -67,13 +73,8 @@ BUNDLES_DDL = """CREATE TABLE IF NOT EXISTS zmonitor_migrated_bundles (
     run_id TEXT
 )"""
 SLOW_RUN_S = 300.0  # the migration-slow alert: a run longer than 5 minutes
-# Hard time limits (Run._rehearsal_budget, Run._downtime): the rehearsal may take
-# REHEARSAL_FACTOR × max_downtime_s (at least REHEARSAL_SLACK_S more than it), with
-# --allow-long LONG_REHEARSAL_FACTOR ×; with --allow-long the downtime may take
-# LONG_DOWNTIME_FACTOR × the rehearsal's measured time + LONG_DOWNTIME_SLACK_S.
-REHEARSAL_FACTOR = 3.0
-REHEARSAL_SLACK_S = 5.0
-LONG_REHEARSAL_FACTOR = 10.0
+# With --allow-long the downtime may take LONG_DOWNTIME_FACTOR × the rehearsal's measured
+# time + LONG_DOWNTIME_SLACK_S (the rehearsal's own limit: rehearsal.budget_s).
 LONG_DOWNTIME_FACTOR = 3.0
 LONG_DOWNTIME_SLACK_S = 30.0
 
@@ -111,6 +112,15 @@ class RunResult:
         if self.error is not None:
             out["error"] = self.error.to_dict()
         return out
+
+
+@dataclass(frozen=True)
+class Prechecked:
+    """What the pre-checks and the rehearsal established, with the app still running."""
+
+    plan: Plan
+    estimate_s: float  # the rehearsal's measured time (0 for a run with nothing to do)
+    counts: dict[str, int]  # row counts of the live database at the pre-check
 
 
 @dataclass
@@ -178,12 +188,6 @@ class Run:
             return True
         return self.deadline is not None and time.monotonic() > self.deadline
 
-    def _interrupted_before_stop(self) -> PrecheckFailed:
-        # Exit 4 (nothing touched, app never stopped); kind "interrupted" like a stop
-        # mid-apply, so the daemon keeps the bundle for its next start.
-        return PrecheckFailed("stop requested (SIGTERM) before the app was stopped; "
-                              "nothing was changed", kind="interrupted")
-
     def _interrupt_reason(self) -> str:
         if self.stop_requested():
             return "stop requested (SIGTERM); stopped at a safe point"
@@ -193,167 +197,61 @@ class Run:
                 f"{LONG_DOWNTIME_FACTOR:g} x the rehearsal + {LONG_DOWNTIME_SLACK_S:g} s; "
                 f"max_downtime_s={self.config.max_downtime_s:g}) ran out")
 
-    # -- phases -----------------------------------------------------------------------
+    # -- before the stop ----------------------------------------------------------------
     def precheck(self, verified: Verified, target: int | None, allow_long: bool,
-                 run_dir: Path) -> tuple[Plan, float, dict[str, int]]:
+                 run_dir: Path) -> Prechecked:
         """Checks and rehearsal while the app runs. Raises PrecheckFailed."""
         cfg = self.config
-        if not self.db.is_file():
-            raise PrecheckFailed(f"database {self.db} does not exist; check 'database' in the "
-                                 "config (the app creates it on its first start)",
-                                 kind="database-missing")
+        prechecks.database_exists(self.db)
+        the_plan, counts = self._read_live(verified, target)
+        size = dbinfo.file_size(self.db)
+        prechecks.room_for_rehearsal(size, run_dir)
+        if the_plan.is_noop:
+            return Prechecked(the_plan, 0.0, counts)
+        rehearsed = self._rehearse(verified, the_plan, counts, allow_long, run_dir)
+        prechecks.estimate_fits(rehearsed.estimate_s, cfg.max_downtime_s, allow_long)
+        prechecks.room_for_swap(self.db, size, rehearsed.grown)
+        prechecks.room_for_backup(self.db, size, cfg.backup_dir)
+        return Prechecked(the_plan, rehearsed.estimate_s, counts)
+
+    def _read_live(self, verified: Verified,
+                   target: int | None) -> tuple[Plan, dict[str, int]]:
+        """The live database's soundness, the plan and the row counts, on one read-only
+        connection."""
         try:
             conn = dbinfo.open_ro(self.db)
             try:
-                bad = dbinfo.integrity_problems(conn, quick=cfg.integrity_check == "quick")
-                if bad:
-                    self.reporter.alert("precheck-failed", f"database {self.db} fails its "
-                                        f"integrity check: {'; '.join(bad[:3])}")
-                    raise PrecheckFailed(f"database {self.db} fails its integrity check "
-                                         f"({'; '.join(bad[:3])}); not migrating a damaged "
-                                         "database — restore a backup first",
-                                         kind="integrity")
-                fks = dbinfo.fk_problems(conn)
-                if fks:
-                    raise PrecheckFailed(f"database {self.db} has foreign-key violations "
-                                         f"before the run: {'; '.join(fks[:3])}",
-                                         kind="foreign-keys")
-                from .engine import read_applied
-                from .plan import plan as make_plan
-                from .plan import rollback_plan
-
-                try:
-                    applied = read_applied(conn)
-                    if self.rollback_to is None:
-                        the_plan = make_plan(verified.source.migrations, applied, target)
-                    else:
-                        undo = rollback_plan(verified.source.migrations, applied,
-                                             self.rollback_to)
-                        the_plan = Plan(current=max((r.version for r in applied), default=0),
-                                        target=self.rollback_to, pending=undo,
-                                        applied=tuple(applied))
-                except PlanError as exc:
-                    raise PrecheckFailed(exc.message, kind=exc.kind) from None
-                counts = dbinfo.row_counts(conn)
+                prechecks.database_sound(conn, self.db,
+                                         quick=self.config.integrity_check == "quick",
+                                         reporter=self.reporter)
+                the_plan = prechecks.plan_for(conn, verified.source.migrations, target,
+                                              self.rollback_to)
+                return the_plan, dbinfo.row_counts(conn)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
             raise PrecheckFailed(f"database {self.db} cannot be read: {exc}",
                                  kind="database-unreadable") from None
-        size = dbinfo.file_size(self.db)
-        need = int(size * 1.1) + 1024 * 1024
-        free = fsutil.free_bytes(run_dir)
-        if free < need:
-            raise PrecheckFailed(f"not enough space for the rehearsal in {run_dir}: need "
-                                 f"{need / 1e6:.1f} MB, {free / 1e6:.1f} MB free",
-                                 kind="disk-space")
-        if the_plan.is_noop:
-            return the_plan, 0.0, counts
-        # Rehearsal: the whole bundle on an online snapshot, validated like the real run.
-        snapshot = run_dir / "rehearsal.db"
+
+    def _rehearse(self, verified: Verified, the_plan: Plan, counts: dict[str, int],
+                  allow_long: bool, run_dir: Path) -> Rehearsed:
         self.emit("rehearsal", f"rehearsing {len(the_plan.pending)} migration(s) on a "
                                "snapshot")
-        t0 = time.monotonic()
-        self.rehearsal_deadline = t0 + self._rehearsal_budget(allow_long)
-        try:
-            src = dbinfo.open_ro(self.db)
-            dst = sqlite3.connect(snapshot)
-            try:
-                src.backup(dst)  # one step: one read snapshot, never restarted by app writes
-            finally:
-                dst.close()
-                src.close()
-            t_copy = time.monotonic() - t0
-            with Engine(snapshot, fast=True, min_batch=self.config.batch_size,
-                        on_progress=self._progress("rehearsal"),
-                        should_stop=self._stop_before_downtime) as eng:
-                watch(eng.conn, expired=self._rehearsal_expired, tick=self.reporter.heartbeat)
-                self._work(eng, verified.source, the_plan)
-            # A fresh connection: nothing the migrations left on theirs answers for the file.
-            problems = self._validate(snapshot, the_plan, counts, verified,
-                                      deadline=self.rehearsal_deadline)
-            if problems:
-                raise PrecheckFailed("the rehearsal on a snapshot failed validation: "
-                                     + "; ".join(problems[:5]), kind="rehearsal-validation")
-            grown = dbinfo.file_size(snapshot)
-        except MigrateError as exc:
-            if isinstance(exc, PrecheckFailed):
-                raise
-            if isinstance(exc, Interrupted):
-                if self.stop_requested():
-                    raise self._interrupted_before_stop() from None
-                raise PrecheckFailed(
-                    f"the rehearsal ran out of its time budget "
-                    f"({self._rehearsal_budget(allow_long):g} s, from max_downtime_s="
-                    f"{cfg.max_downtime_s:g}): {exc.message}; the app was never stopped — "
-                    "fix the migration or check (a runaway query?), or raise max_downtime_s",
-                    kind="too-slow"
-                ) from None
-            raise PrecheckFailed(f"the rehearsal on a snapshot failed: {exc.message}",
-                                 kind="rehearsal") from None
-        except (sqlite3.Error, OSError) as exc:
-            raise PrecheckFailed(f"the rehearsal on a snapshot failed: {exc}",
-                                 kind="rehearsal") from None
-        finally:
-            fsutil.remove(snapshot)
-            fsutil.remove_sidecars(snapshot)
-        estimate = time.monotonic() - t0
+        rehearsal = Rehearsal(self.db, run_dir / "rehearsal.db",
+                              max_downtime_s=self.config.max_downtime_s,
+                              allow_long=allow_long, batch_size=self.config.batch_size,
+                              stop_requested=self.stop_requested, tick=self.reporter.heartbeat)
+        rehearsed = rehearsal.run(
+            lambda eng: self._work(eng, verified.source, the_plan),
+            lambda db, deadline: self._validate(db, the_plan, counts, verified,
+                                                deadline=deadline),
+            self._progress("rehearsal"))
         # The real copy is a plain file copy, faster than the online backup; keep the
         # estimate conservative anyway (apply + validation dominate).
-        self.emit("rehearsal", f"passed in {estimate:.2f} s (snapshot "
-                               f"{t_copy:.2f} s); estimated downtime {estimate:.2f} s")
-        if estimate > cfg.max_downtime_s and not allow_long:
-            raise PrecheckFailed(
-                f"estimated downtime {estimate:.1f} s exceeds max_downtime_s="
-                f"{cfg.max_downtime_s:g}; schedule a window and rerun with --allow-long, or "
-                "raise max_downtime_s", kind="downtime-estimate")
-        # The migrated copy, and room to copy the backup back should the new version fail
-        # after the swap: a restore that cannot be written leaves the monitor stopped.
-        need = grown + size + 1024 * 1024
-        free = fsutil.free_bytes(self.db.parent)
-        if free < need:
-            raise PrecheckFailed(f"not enough space next to {self.db}: need {need / 1e6:.1f} "
-                                 f"MB (migrated copy {grown / 1e6:.1f} MB + room to restore "
-                                 f"the backup {size / 1e6:.1f} MB), {free / 1e6:.1f} MB free",
-                                 kind="disk-space")
-        if not self._backup_linkable():
-            # The backup is a copy on the backup dir's own filesystem, not next to the DB.
-            need = size + 1024 * 1024
-            free = fsutil.free_bytes(cfg.backup_dir)
-            if free < need:
-                raise PrecheckFailed(f"not enough space in {cfg.backup_dir} (another "
-                                     f"filesystem than the database) for the backup copy: "
-                                     f"need {need / 1e6:.1f} MB, {free / 1e6:.1f} MB free",
-                                     kind="disk-space")
-        return the_plan, estimate, counts
-
-    def _rehearsal_budget(self, allow_long: bool) -> float:
-        """The rehearsal's hard limit: REHEARSAL_FACTOR × max_downtime_s, at least
-        REHEARSAL_SLACK_S more than it (LONG_REHEARSAL_FACTOR with --allow-long). The
-        rehearsal runs while the app is up, so running past the budget costs no downtime,
-        and a migration that is merely too slow should finish it: its measured time is
-        the estimate the operator acts on (--allow-long, a maintenance window). A
-        runaway statement or check is cut at the limit instead of running for ever."""
-        budget = self.config.max_downtime_s
-        factor = LONG_REHEARSAL_FACTOR if allow_long else REHEARSAL_FACTOR
-        return max(factor * budget, budget + REHEARSAL_SLACK_S)
-
-    def _rehearsal_expired(self) -> bool:
-        return self.rehearsal_deadline is not None and \
-            time.monotonic() > self.rehearsal_deadline
-
-    def _stop_before_downtime(self) -> bool:
-        """The rehearsal's safe points: a stop request ends it (the app still runs), and
-        so does its time budget."""
-        self.reporter.heartbeat()
-        return self.stop_requested() or self._rehearsal_expired()
-
-    def _backup_linkable(self) -> bool:
-        try:
-            self.config.backup_dir.mkdir(parents=True, exist_ok=True)
-            return fsutil.can_hardlink(self.db.parent, self.config.backup_dir)
-        except OSError:
-            return False
+        self.emit("rehearsal", f"passed in {rehearsed.estimate_s:.2f} s (snapshot "
+                               f"{rehearsed.snapshot_s:.2f} s); estimated downtime "
+                               f"{rehearsed.estimate_s:.2f} s")
+        return rehearsed
 
     def _validate(self, db: Path, the_plan: Plan, counts: dict[str, int],
                   verified: Verified, *, downtime: bool = False,
@@ -368,8 +266,6 @@ class Run:
         against its table, which is what a migration's statements determine.
         ``rows_after``, when given, is filled with the row counts on the same
         connection."""
-        from .validate import validate
-
         setting = self.config.downtime_integrity_check if downtime else \
             self.config.integrity_check
 
@@ -399,20 +295,15 @@ class Run:
                            db_size_before=dbinfo.file_size(self.db))
         j.advance(Phase.VERIFIED, bundle_name=verified.name, sequence=verified.sequence,
                   manifest_sha256=verified.manifest_sha256)
-        the_plan, estimate, counts = self.precheck(verified, target, allow_long, run_dir)
+        checked = self.precheck(verified, target, allow_long, run_dir)
+        the_plan, estimate, counts = checked.plan, checked.estimate_s, checked.counts
         result.plan, result.estimate_s = the_plan, round(estimate, 3)
         result.from_version, result.to_version = the_plan.current, the_plan.target
         self.record.update(from_version=the_plan.current, to_version=the_plan.target,
                            rows_before=counts, estimate_s=round(estimate, 3))
         j.advance(Phase.PRECHECKED, from_version=the_plan.current, to_version=the_plan.target,
                   estimate_s=estimate)
-        for line in the_plan.describe():
-            self.emit("plan", line)
-        for m in the_plan.pending:  # the header's size is raised on the private copy
-            if m.batch and self.config.batch_size > m.batch.size and self.rollback_to is None:
-                self.emit("plan", f"  {m.version:04d} runs in batches of "
-                                  f"{self.config.batch_size:,} rows (batch_size in the config; "
-                                  f"size={m.batch.size} bounds batches on a live table)")
+        self._describe(the_plan)
         if dry_run:
             result.outcome = "dry-run"
             return result
@@ -421,19 +312,50 @@ class Run:
             self.emit("plan", f"database already at version {the_plan.current}; nothing to do")
             return result
         if self.stop_requested():
-            raise self._interrupted_before_stop()  # no downtime for a run being stopped
-        return self._downtime(verified, the_plan, counts, result, allow_long)
+            raise prechecks.interrupted()  # no downtime for a run being stopped
+        return self._downtime(verified, the_plan, result, allow_long)
 
-    def _downtime(self, verified: Verified, the_plan: Plan, counts: dict[str, int],
-                  result: RunResult, allow_long: bool) -> RunResult:
-        cfg = self.config
+    def _describe(self, the_plan: Plan) -> None:
+        for line in the_plan.describe():
+            self.emit("plan", line)
+        for m in the_plan.pending:  # the header's size is raised on the private copy
+            if m.batch and self.config.batch_size > m.batch.size and self.rollback_to is None:
+                self.emit("plan", f"  {m.version:04d} runs in batches of "
+                                  f"{self.config.batch_size:,} rows (batch_size in the config; "
+                                  f"size={m.batch.size} bounds batches on a live table)")
+
+    # -- the downtime -------------------------------------------------------------------
+    def _downtime(self, verified: Verified, the_plan: Plan, result: RunResult,
+                  allow_long: bool) -> RunResult:
+        """From the stop to the commit, as the steps of the run. Any failure puts the old
+        database back and starts the app (``fail``)."""
         j = self.journal
         assert j is not None
-        copy = swap.copy_path(self.db, j.run_id)
-        work = swap.WorkingCopy(self.db, copy)
-        live_ino = os.stat(self.db).st_ino
-        j.advance(Phase.APP_STOPPED, copy=str(copy), live_inode=live_ino,
+        work = swap.WorkingCopy(self.db, swap.copy_path(self.db, j.run_id))
+        j.advance(Phase.APP_STOPPED, copy=str(work.path), live_inode=os.stat(self.db).st_ino,
                   app_unit=self.services.name)
+        self._arm_budget(result.estimate_s or 0.0, allow_long)
+        try:
+            self._stop_app()
+            stopped_counts = self._take(work, the_plan, result)
+            self._migrate(work, verified, the_plan)
+            self._validate_copy(work, verified, the_plan, stopped_counts)
+            self._swap_in(work, the_plan)
+            downtime = self._start_app()
+            j.advance(Phase.COMMITTED)
+        except BaseException as exc:
+            self.fail(_classify(exc))
+            raise AssertionError("unreachable") from None
+        result.downtime_s = round(downtime, 3)
+        result.outcome = "applied"
+        self.record["db_size_after"] = dbinfo.file_size(self.db)
+        if downtime > SLOW_RUN_S:
+            self.reporter.alert("migration-slow", f"downtime {downtime:.0f} s exceeded "
+                                f"{SLOW_RUN_S:.0f} s")
+        return result
+
+    def _arm_budget(self, estimate_s: float, allow_long: bool) -> None:
+        cfg = self.config
         # Only effective while systemd waits for our start or stop (recovery at boot, a
         # SIGTERM mid-run): give the downtime phase room to end consistently.
         self.reporter.extend(2 * cfg.max_downtime_s + 60)
@@ -441,95 +363,105 @@ class Run:
         # With --allow-long a downtime above max_downtime_s was accepted, as long as the
         # rehearsal measured it: an endless statement or check still ends the run.
         budget = cfg.max_downtime_s if not allow_long else max(
-            cfg.max_downtime_s,
-            LONG_DOWNTIME_FACTOR * (result.estimate_s or 0.0) + LONG_DOWNTIME_SLACK_S)
+            cfg.max_downtime_s, LONG_DOWNTIME_FACTOR * estimate_s + LONG_DOWNTIME_SLACK_S)
         self.deadline = self.t_stop + budget
         self.budget_s = budget
-        try:
-            self.emit("app_stopped", f"stopping {self.services.name}" if self.services.name
-                      else "no app unit configured (app_unit: null): nothing to stop")
-            self.services.stop(cfg.stop_timeout_s, tick=self.reporter.heartbeat)
-            mode = swap.quiesce(self.db)
-            version = the_plan.current
-            # The working copy is copied in the kernel; the backup is a hard link to the
-            # same, now untouched, inode, hashed on another core while the copy is
-            # migrated. Its checksum is durable before the swap, the first moment a
-            # restore could need it (before that the live file is the original, and
-            # recovery removes a link to it).
-            bk = work.take(cfg.backup_dir, version, mode)
-            # The row counts the validation compares against are those of the database the
-            # app left behind, not of the pre-check (the app kept writing until the stop):
-            # counted on the quiesced live file, beside the apply.
-            stopped_counts = fsutil.InBackground(dbinfo.row_counts_of, self.db)
-            j.advance(Phase.BACKED_UP, backup=str(bk.path), backup_sha256=bk.sha256 or None,
-                      backup_linked=bk.linked, journal_mode=mode)
-            result.backup = str(bk.path)
-            self.record["backup"] = str(bk.path)
-            self.emit("backed_up", f"backup {bk.path} ({'hard link' if bk.linked else 'copy'})")
-            j.advance(Phase.APPLYING, migration=the_plan.pending[0].version)
-            with Engine(copy, fast=True, min_batch=cfg.batch_size,
-                        on_progress=self._progress("applying"),
-                        should_stop=self._should_stop) as eng:
-                self._abort_long_statements(eng)
-                try:
-                    self._work(eng, verified.source, the_plan)
-                except Interrupted as exc:
-                    raise MigrateError(f"{self._interrupt_reason()} ({exc.message})",
-                                       kind="interrupted") from None
-                if the_plan.target == verified.source.last_version:
-                    eng.conn.execute(BUNDLES_DDL)
-                    eng.conn.execute(
-                        "INSERT OR REPLACE INTO main.zmonitor_migrated_bundles "
-                        "VALUES (?,?,?,?,?)",
-                        (verified.sequence, verified.name, verified.manifest_sha256,
-                         self.now().strftime("%Y-%m-%dT%H:%M:%SZ"), j.run_id))
-            # The migrations' connection is closed: validation sees only the file.
-            self.emit("validating", "post-migration validation of the migrated copy")
-            # Validation only reads: write the migrated pages back meanwhile, so the
-            # fsync before the swap has (almost) nothing left to wait for.
-            flushed = fsutil.InBackground(fsutil.fsync_file, copy)
-            rows_after: dict[str, int] = {}
-            counts = stopped_counts.result()
-            self.record["rows_before"] = counts
+
+    def _stop_app(self) -> None:
+        self.emit("app_stopped", f"stopping {self.services.name}" if self.services.name
+                  else "no app unit configured (app_unit: null): nothing to stop")
+        self.services.stop(self.config.stop_timeout_s, tick=self.reporter.heartbeat)
+
+    def _take(self, work: swap.WorkingCopy, the_plan: Plan,
+              result: RunResult) -> fsutil.InBackground[dict[str, int]]:
+        """Quiesce, copy and back up the live file. Returns the row counts of the database
+        the app left behind (not of the pre-check: the app kept writing until the stop),
+        counted on the quiesced live file beside the apply."""
+        assert self.journal is not None
+        mode = swap.quiesce(self.db)
+        # The backup's checksum is durable before the swap, the first moment a restore
+        # could need it (before that the live file is the original, and recovery removes
+        # a link to it).
+        bk = work.take(self.config.backup_dir, the_plan.current, mode)
+        stopped_counts = fsutil.InBackground(dbinfo.row_counts_of, self.db)
+        self.journal.advance(Phase.BACKED_UP, backup=str(bk.path),
+                             backup_sha256=bk.sha256 or None, backup_linked=bk.linked,
+                             journal_mode=mode)
+        result.backup = str(bk.path)
+        self.record["backup"] = str(bk.path)
+        self.emit("backed_up", f"backup {bk.path} ({'hard link' if bk.linked else 'copy'})")
+        return stopped_counts
+
+    def _migrate(self, work: swap.WorkingCopy, verified: Verified, the_plan: Plan) -> None:
+        j = self.journal
+        assert j is not None
+        j.advance(Phase.APPLYING, migration=the_plan.pending[0].version)
+        with Engine(work.path, fast=True, min_batch=self.config.batch_size,
+                    on_progress=self._progress("applying"),
+                    should_stop=self._should_stop) as eng:
+            self._abort_long_statements(eng)
             try:
-                problems = self._validate(copy, the_plan, counts, verified, downtime=True,
-                                          deadline=self.deadline, rows_after=rows_after)
+                self._work(eng, verified.source, the_plan)
             except Interrupted as exc:
                 raise MigrateError(f"{self._interrupt_reason()} ({exc.message})",
-                                   kind="too-slow") from None
-            finally:
-                flushed.result()
-            if problems:
-                self.reporter.alert("validation-failed", "; ".join(problems[:5]))
-                raise MigrateError("post-migration validation failed: "
-                                   + "; ".join(problems[:5]), kind="validation-failed")
-            self.record["rows_after"] = rows_after
-            bk = work.seal()
-            j.advance(Phase.VALIDATED, backup_sha256=bk.sha256)
-            j.advance(Phase.SWAPPING)
-            work.swap_in()
-            j.advance(Phase.SWAPPED, swapped=True)
-            self.emit("swapped", f"migrated database is live at version {the_plan.target}")
-            self.services.start()
-            self.t_start = time.monotonic()
-            downtime = self.t_start - self.t_stop
-            j.advance(Phase.APP_STARTED, downtime_s=downtime)
-            result.downtime_s = round(downtime, 3)
-            self.emit("app_started", f"{self.services.name or 'no app unit'}"
-                                     f"{' started' if self.services.name else ''} after "
-                                     f"{downtime:.2f} s downtime; health gate "
-                                     f"{cfg.health_check_s:g} s")
-            self.services.health_gate(cfg.health_check_s, tick=self.reporter.heartbeat)
-            j.advance(Phase.COMMITTED)
-        except BaseException as exc:
-            self.fail(_classify(exc))
-            raise AssertionError("unreachable") from None
-        result.outcome = "applied"
-        self.record["db_size_after"] = dbinfo.file_size(self.db)
-        if downtime > SLOW_RUN_S:
-            self.reporter.alert("migration-slow", f"downtime {downtime:.0f} s exceeded "
-                                f"{SLOW_RUN_S:.0f} s")
-        return result
+                                   kind="interrupted") from None
+            if the_plan.target == verified.source.last_version:
+                eng.conn.execute(BUNDLES_DDL)
+                eng.conn.execute(
+                    "INSERT OR REPLACE INTO main.zmonitor_migrated_bundles "
+                    "VALUES (?,?,?,?,?)",
+                    (verified.sequence, verified.name, verified.manifest_sha256,
+                     self.now().strftime("%Y-%m-%dT%H:%M:%SZ"), j.run_id))
+
+    def _validate_copy(self, work: swap.WorkingCopy, verified: Verified, the_plan: Plan,
+                       stopped_counts: fsutil.InBackground[dict[str, int]]) -> None:
+        """The migrations' connection is closed: validation sees only the file."""
+        self.emit("validating", "post-migration validation of the migrated copy")
+        # Validation only reads: write the migrated pages back meanwhile, so the
+        # fsync before the swap has (almost) nothing left to wait for.
+        flushed = fsutil.InBackground(fsutil.fsync_file, work.path)
+        rows_after: dict[str, int] = {}
+        counts = stopped_counts.result()
+        self.record["rows_before"] = counts
+        try:
+            problems = self._validate(work.path, the_plan, counts, verified, downtime=True,
+                                      deadline=self.deadline, rows_after=rows_after)
+        except Interrupted as exc:
+            raise MigrateError(f"{self._interrupt_reason()} ({exc.message})",
+                               kind="too-slow") from None
+        finally:
+            flushed.result()
+        if problems:
+            self.reporter.alert("validation-failed", "; ".join(problems[:5]))
+            raise MigrateError("post-migration validation failed: "
+                               + "; ".join(problems[:5]), kind="validation-failed")
+        self.record["rows_after"] = rows_after
+
+    def _swap_in(self, work: swap.WorkingCopy, the_plan: Plan) -> None:
+        j = self.journal
+        assert j is not None
+        bk = work.seal()
+        j.advance(Phase.VALIDATED, backup_sha256=bk.sha256)
+        j.advance(Phase.SWAPPING)
+        work.swap_in()
+        j.advance(Phase.SWAPPED, swapped=True)
+        self.emit("swapped", f"migrated database is live at version {the_plan.target}")
+
+    def _start_app(self) -> float:
+        """Start the app on the migrated database and hold the health gate. Returns the
+        downtime: from the stop request until ``start`` returned (the app is ready)."""
+        assert self.journal is not None and self.t_stop is not None
+        cfg = self.config
+        self.services.start()
+        self.t_start = time.monotonic()
+        downtime = self.t_start - self.t_stop
+        self.journal.advance(Phase.APP_STARTED, downtime_s=downtime)
+        self.emit("app_started", f"{self.services.name or 'no app unit'}"
+                                 f"{' started' if self.services.name else ''} after "
+                                 f"{downtime:.2f} s downtime; health gate "
+                                 f"{cfg.health_check_s:g} s")
+        self.services.health_gate(cfg.health_check_s, tick=self.reporter.heartbeat)
+        return downtime
 
     def _abort_long_statements(self, eng: Engine) -> None:
         """SQLite calls this while a statement runs: real progress for the watchdog, and
@@ -602,12 +534,6 @@ def verify_bundle(config: Config, bundle_path: Path, run_dir: Path, now: datetim
     (recorded here, before the rehearsal, unless ``record`` is off), the payload's YAML.
     Raises BundleRejected, or AlreadyApplied for a no-op. ``tick`` (the watchdog
     heartbeat) is called between bounded reads of the bundle."""
-    from . import bundle as bundle_mod
-    from .admission import admit
-    from .archive import Caps
-    from .trust import TrustStore
-    from .verify import Decision, Purpose
-
     caps = Caps.from_config(config)
     trust = TrustStore.from_config(config)
     private = bundle_mod.receive(Path(bundle_path), run_dir, trust, caps=caps, tick=tick)

@@ -71,7 +71,7 @@ from typing import Any
 
 from . import pipeline
 from .config import Config
-from .errors import LockHeld, MigrateError, RestoreFailed
+from .errors import LockHeld, MigrateError, RestoreBlocked, RestoreFailed, StopInterrupted
 from .fsutil import atomic_write, fsync_dir, remove_stale_temps
 from .lock import RunLock
 from .progress import NotifySink, Reporter, default_sinks, stream_is_journal
@@ -516,17 +516,17 @@ def process(path: Path, config: Config, reporter: Reporter, stop: _Stop) -> dict
     try:
         result = pipeline.apply(path, config, reporter=reporter, stop_requested=stop,
                                 wait=True)
+    except RestoreBlocked as exc:
+        # Not this bundle's fault: keep it until an operator has restored a backup.
+        return {"bundle": path.name, "outcome": "blocked", "kept_in_inbox": True,
+                "message": exc.message}
     except RestoreFailed as exc:
-        if exc.kind == "restore-blocked":
-            # Not this bundle's fault: keep it until an operator has restored a backup.
-            return {"bundle": path.name, "outcome": "blocked", "kept_in_inbox": True,
-                    "message": exc.message}
         _reject(path, rejected_dir, exc)
         raise
     except LockHeld:
         return {"bundle": path.name, "outcome": "locked"}
     except MigrateError as exc:
-        if exc.kind == "interrupted" and stop():
+        if isinstance(exc, StopInterrupted) and stop():
             return {"bundle": path.name, "outcome": "interrupted", "kept_in_inbox": True}
         return _reject(path, rejected_dir, exc)
     except Exception as exc:  # any error of one bundle is its rejection

@@ -79,6 +79,34 @@ class RestoreFailed(MigrateError):
     kind = "restore-failed"
 
 
+class RestoreBlocked(RestoreFailed):
+    """An earlier run could not restore its backup: no new run starts until an operator
+    has restored one. Not the new bundle's fault (the daemon keeps it)."""
+
+    kind = "restore-blocked"
+
+
+class StopInterrupted:
+    """Mixed into the errors of a run that ended at a safe point because a stop was
+    requested or its downtime budget ran out: the daemon keeps such a bundle for its next
+    start, and the run's outcome is "interrupted"."""
+
+    kind = "interrupted"
+
+
+class InterruptedBeforeStop(StopInterrupted, PrecheckFailed):
+    """Stopped before the app was: nothing was changed (exit 4)."""
+
+
+class RunInterrupted(StopInterrupted, MigrateError):
+    """Stopped while the copy was migrated; the pipeline restores and raises
+    ``MigrationInterrupted``."""
+
+
+class MigrationInterrupted(StopInterrupted, MigrationFailed):
+    """Stopped after the app was: the old database is back in place (exit 5)."""
+
+
 class LockHeld(MigrateError):
     exit_code = 7
     kind = "locked"

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import atomic_write
+from .journal import Outcome, Phase
 from .text import clean, clean_tree, prom_label
 
 # An error message in a record is kept whole up to this; SQLite's own texts are short.
 MAX_FIELD_CHARS = 8000
 
-RESTORING_OUTCOMES = ("restored", "recovered-old", "rolled-back")
+RESTORING_OUTCOMES = (Outcome.RESTORED, Outcome.RECOVERED_OLD, Outcome.ROLLED_BACK)
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
@@ -77,8 +78,6 @@ def _size(value: object) -> str:
 def _phases(times: object) -> str:
     """Phase times in the order a run goes through them (the record stores a mapping,
     which JSON sorts by name)."""
-    from .journal import Phase
-
     if not isinstance(times, dict) or not times:
         return ""
     order = {p.value: i for i, p in enumerate(Phase)}
@@ -186,7 +185,7 @@ def render_metrics(records: list[dict[str, Any]], *, current_version: int | None
             "# HELP zmonitor_migrate_last_run_success 1 if the last run applied or was "
             "up to date.", "# TYPE zmonitor_migrate_last_run_success gauge",
             f"zmonitor_migrate_last_run_success "
-            f"{int(last.get('outcome') in ('applied', 'up-to-date'))}",
+            f"{int(last.get('outcome') in (Outcome.APPLIED, Outcome.UP_TO_DATE))}",
         ]
     if current_version is not None:
         lines += ["# HELP zmonitor_db_schema_version Current schema version.",

@@ -20,6 +20,12 @@ failed, restoring                   ``restore``: put the backup back, start the 
 restored, app_started (after fail)  ``start-app``
 ==================================  ===============================================
 
+``recovery.ACTIONS`` holds the function that carries out each action.
+
+A run enters the journal in ``received`` (``Journal.create``). An operator restore has
+an entry of its own (``Journal.create_restore``): it starts in ``failed``, since from its
+first durable instant what is left to do is to put its backup back and start the app.
+
 A journal is *closed* once it has an ``outcome``; a closed journal needs nothing.
 """
 
@@ -33,7 +39,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .errors import MigrateError, UsageError
+from .errors import MigrateError, StopInterrupted, UsageError
 from .fsutil import atomic_write
 
 
@@ -74,18 +80,59 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 PRE_STOP = frozenset({P.RECEIVED, P.VERIFIED, P.PRECHECKED})
 BEFORE_SWAP = frozenset({P.APP_STOPPED, P.BACKED_UP, P.APPLYING, P.VALIDATED})
 
-RECOVERY: dict[Phase, str] = {
-    **{p: "abandon" for p in PRE_STOP},
-    **{p: "discard" for p in BEFORE_SWAP},
-    P.SWAPPING: "resolve-swap",
-    P.SWAPPED: "finish",
-    P.APP_STARTED: "finish",  # "start-app" when the journal has failed before
-    P.FAILED: "restore",
-    P.RESTORING: "restore",
-    P.RESTORED: "start-app",
-    P.COMMITTED: "commit",
+
+
+class Action(StrEnum):
+    """What finishing an open run means (``recovery.ACTIONS`` carries each out)."""
+
+    ABANDON = "abandon"
+    DISCARD = "discard"
+    RESOLVE_SWAP = "resolve-swap"
+    FINISH = "finish"
+    RESTORE = "restore"
+    START_APP = "start-app"
+    COMMIT = "commit"
+
+
+A = Action
+RECOVERY: dict[Phase, Action] = {
+    **{p: A.ABANDON for p in PRE_STOP},
+    **{p: A.DISCARD for p in BEFORE_SWAP},
+    P.SWAPPING: A.RESOLVE_SWAP,
+    P.SWAPPED: A.FINISH,
+    P.APP_STARTED: A.FINISH,  # START_APP when the journal has failed before
+    P.FAILED: A.RESTORE,
+    P.RESTORING: A.RESTORE,
+    P.RESTORED: A.START_APP,
+    P.COMMITTED: A.COMMIT,
 }
 
+
+class Outcome(StrEnum):
+    """How a run ended, as the journal, the history, the metrics and ``--json`` name it."""
+
+    APPLIED = "applied"
+    ROLLED_BACK = "rolled-back"
+    UP_TO_DATE = "up-to-date"
+    DRY_RUN = "dry-run"
+    REJECTED = "rejected"  # exit 3: nothing touched
+    PRECHECK_FAILED = "precheck-failed"  # exit 4: the app was never stopped
+    INTERRUPTED = "interrupted"  # a stop request or the time budget ended it at a safe point
+    RESTORED = "restored"  # exit 5: the old database is back, the app runs on it
+    RESTORE_FAILED = "restore-failed"  # exit 6: manual action needed
+    FAILED = "failed"
+    RECOVERED_OLD = "recovered-old"  # recovery kept the old database (the copy never went live)
+    ABANDONED = "abandoned"  # recovery of a run that never stopped the app
+
+    @classmethod
+    def of_error(cls, error: MigrateError) -> Outcome:
+        if isinstance(error, StopInterrupted):
+            return cls.INTERRUPTED
+        return _BY_EXIT_CODE.get(error.exit_code, cls.FAILED)
+
+
+_BY_EXIT_CODE = {3: Outcome.REJECTED, 4: Outcome.PRECHECK_FAILED, 5: Outcome.RESTORED,
+                 6: Outcome.RESTORE_FAILED}
 
 class IllegalTransition(MigrateError):
     kind = "illegal-transition"
@@ -117,6 +164,18 @@ class Journal:
     @classmethod
     def create(cls, path: Path, run_id: str | None = None, **data: Any) -> Journal:
         j = cls(path=path, run_id=run_id or new_run_id(), data=dict(data))
+        j.phases.append((j.phase.value, time.time()))
+        j.save()
+        return j
+
+    @classmethod
+    def create_restore(cls, path: Path, *, backup: str, backup_sha256: str,
+                       **data: Any) -> Journal:
+        """An operator restore's entry: the journal starts in ``failed`` with the backup
+        to put back, so a restore killed half-way is finished by ``recover``."""
+        j = cls(path=path, run_id=new_run_id(), phase=Phase.FAILED, failed=True,
+                data={**data, "operation": "restore", "backup": backup,
+                      "backup_sha256": backup_sha256})
         j.phases.append((j.phase.value, time.time()))
         j.save()
         return j
@@ -184,11 +243,11 @@ class Journal:
         self.phases.append(("closed", time.time()))
         self.save()
 
-    def recovery_action(self) -> str | None:
+    def recovery_action(self) -> Action | None:
         if self.closed:
             return None
         if self.phase is Phase.APP_STARTED and self.failed:
-            return "start-app"
+            return Action.START_APP
         return RECOVERY[self.phase]
 
     def phase_times(self) -> dict[str, float]:

@@ -6,8 +6,8 @@
   unit control, database only), so a dead daemon can never keep the monitor down.
   After a failed restore it refuses until an operator has restored a backup.
 - ``restore``: stop the app, put a backup back (verified against its recorded sha256
-  first), start the app. Journaled like a run, so a kill half-way is finished by
-  ``recover``.
+  first), start the app. Journaled from its own entry (``Journal.create_restore``: the
+  run starts in phase ``failed``), so a kill half-way is finished by ``recover``.
 - ``rollback``: the rollback scripts of a bundle admitted like apply's (signature, device
   type, anti-rollback floor, time: ``admission.admit``) down to version N, through the
   same stop/backup/copy/validate/swap/start pipeline as apply. An unsigned source
@@ -26,12 +26,13 @@ from . import history, sources
 from .config import Config
 from .device_state import device_state, mark_rolled_back, seed_floor
 from .errors import BundleRejected, LockHeld, PrecheckFailed, RestoreFailed, UsageError
-from .journal import BEFORE_SWAP, Journal, Phase
+from .journal import BEFORE_SWAP, Journal, Outcome, Phase
 from .lock import RunLock
 from .pipeline import Verified, drive, verify_for_rollback
 from .progress import Reporter
 from .recovery import recover, restore_after_failure
-from .services import for_unit
+from .runrecord import RunRecord
+from .services import ServiceManager, for_unit
 
 _UNSAFE = BEFORE_SWAP | {Phase.SWAPPING, Phase.FAILED, Phase.RESTORING}
 
@@ -41,7 +42,7 @@ def gate(config: Config, reporter: Reporter) -> tuple[bool, str]:
     if journal is None:
         return True, "no migration run recorded; the app may start"
     if journal.closed:
-        if journal.outcome == "restore-failed":
+        if journal.outcome == Outcome.RESTORE_FAILED:
             return False, (f"run {journal.run_id} could not restore its backup; the database "
                            "may be damaged. Restore one by hand: 'zmonitor-migrate restore "
                            "BACKUP' (see 'zmonitor-migrate status')")
@@ -87,38 +88,29 @@ def _seed_before_restore(config: Config, reporter: Reporter) -> None:
 
 
 def restore(config: Config, *, backup: Path | None = None, run_id: str | None = None,
-            wait: bool = False, reporter: Reporter | None = None) -> Path:
+            wait: bool = False, reporter: Reporter | None = None,
+            services: ServiceManager | None = None) -> Path:
     reporter = reporter or Reporter()
-    services = for_unit(config.app_unit, config.systemctl)
+    services = services or for_unit(config.app_unit, config.systemctl)
     with RunLock(config.lock_path, wait=wait):
         recover(config, services=services, reporter=reporter)
         _seed_before_restore(config, reporter)
         path = pick_backup(config, backup, run_id)
         digest = backups.verify(path)  # refuse a damaged backup before stopping anything
         started = time.time()
-        journal = Journal.create(config.journal_path, bundle=None, operation="restore",
-                                 database=str(config.database))
+        error = {"kind": "operator-restore", "message": f"restore of {path} requested"}
+        journal = Journal.create_restore(config.journal_path, backup=str(path),
+                                         backup_sha256=digest, bundle=None,
+                                         database=str(config.database), error=error)
         reporter.run_id = journal.run_id
-        journal.advance(Phase.VERIFIED)
-        journal.advance(Phase.PRECHECKED)
-        # live_inode -1: recovery must treat the live file as replaced and restore again.
-        journal.advance(Phase.APP_STOPPED, backup=str(path), backup_sha256=digest,
-                        backup_linked=False, live_inode=-1)
         try:
-            restore_after_failure(config, journal, services, reporter,
-                                  error={"kind": "operator-restore",
-                                         "message": f"restore of {path} requested"})
+            restore_after_failure(config, journal, services, reporter, error=error)
         finally:
-            history.append(config.history_path, {
-                "run_id": journal.run_id, "operation": "restore", "backup": str(path),
-                "outcome": "restored" if journal.outcome != "restore-failed"
-                else "restore-failed", "restored": journal.outcome != "restore-failed",
-                "started_at": started, "finished_at": time.time(),
-                "duration_s": round(time.time() - started, 3),
-                "phase_times": journal.phase_times(), "downtime_s": None,
-                "replaced": journal.data.get("replaced"),
-            })
-        if journal.outcome == "restore-failed":
+            record = RunRecord(run_id=journal.run_id, kind="restore", started_at=started,
+                               operation="restore", backup=str(path))
+            record.finish(Outcome.RESTORE_FAILED if journal.outcome == Outcome.RESTORE_FAILED
+                          else Outcome.RESTORED, journal).append(config.history_path)
+        if journal.outcome == Outcome.RESTORE_FAILED:
             raise RestoreFailed(f"restoring {path} failed; see the log")
         return path
 
@@ -171,7 +163,7 @@ def rollback(config: Config, *, to: int, source_dir: Path | None, bundle: Path |
 
     result = drive(config, obtain, label=f"rollback --to {to}", reporter=reporter,
                    wait=wait, rollback_to=to)
-    if result.outcome == "rolled-back":
+    if result.outcome == Outcome.ROLLED_BACK:
         with RunLock(config.lock_path, wait=True):
             mark_rolled_back(config.state_dir, sequence=used[0].sequence if used else 0,
                              manifest_sha256=used[0].manifest_sha256 if used else "", to=to)

@@ -50,15 +50,20 @@ from .errors import (
     BundleRejected,
     MigrateError,
     MigrationFailed,
+    MigrationInterrupted,
     PrecheckFailed,
+    RestoreBlocked,
     RestoreFailed,
+    RunInterrupted,
+    StopInterrupted,
 )
-from .journal import Journal, Phase
+from .journal import Journal, Outcome, Phase
 from .lock import RunLock
 from .plan import Plan
 from .progress import Reporter, format_duration
 from .recovery import recover, restore_after_failure, start_app
 from .rehearsal import Rehearsal, Rehearsed
+from .runrecord import RunRecord
 from .services import ServiceManager, for_unit
 from .sources import Source
 from .trust import TrustStore
@@ -81,9 +86,10 @@ LONG_DOWNTIME_SLACK_S = 30.0
 
 @dataclass
 class RunResult:
+    """A run that succeeded (a failure raises its typed error instead)."""
+
     run_id: str
-    outcome: str  # applied | up-to-date | dry-run | rejected | precheck-failed | restored | ...
-    exit_code: int = 0
+    outcome: Outcome  # applied, rolled-back, up-to-date or dry-run
     bundle: str | None = None
     sequence: int | None = None
     from_version: int | None = None
@@ -93,11 +99,9 @@ class RunResult:
     backup: str | None = None
     plan: Plan | None = None
     phase_times: dict[str, float] = field(default_factory=dict)
-    error: MigrateError | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
+    ok = True
+    exit_code = 0
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -109,8 +113,6 @@ class RunResult:
         }
         if self.plan is not None:
             out["plan"] = self.plan.to_dict()
-        if self.error is not None:
-            out["error"] = self.error.to_dict()
         return out
 
 
@@ -138,21 +140,22 @@ class Run:
     """State of one run; ``execute`` drives it through the journal's phases."""
 
     def __init__(self, config: Config, *, services: ServiceManager, reporter: Reporter,
-                 stop_requested: Callable[[], bool], now: Callable[[], datetime]) -> None:
+                 stop_requested: Callable[[], bool], now: Callable[[], datetime],
+                 journal: Journal, started_at: float, rollback_to: int | None) -> None:
         self.config = config
         self.services = services
         self.reporter = reporter
         self.stop_requested = stop_requested
         self.now = now
         self.db = config.database
-        self.journal: Journal | None = None
-        self.record: dict[str, Any] = {}
+        self.journal = journal
+        # What the history keeps of this run beyond the journal (sizes, row counts).
+        self.record = RunRecord(run_id=journal.run_id, started_at=started_at)
         self.t_stop: float | None = None
         self.t_start: float | None = None
         self.deadline: float | None = None
         self.budget_s = config.max_downtime_s
-        self.rehearsal_deadline: float | None = None
-        self.rollback_to: int | None = None  # set for 'rollback --to N' runs
+        self.rollback_to = rollback_to  # set for 'rollback --to N' runs
 
     def _work(self, eng: Engine, source: Source, the_plan: Plan) -> None:
         if self.rollback_to is None:
@@ -289,26 +292,26 @@ class Run:
                 allow_long: bool, run_dir: Path) -> RunResult:
         j = self.journal
         assert j is not None
-        result = RunResult(run_id=j.run_id, outcome="", bundle=verified.name,
-                           sequence=verified.sequence)
-        self.record.update(bundle=verified.name, sequence=verified.sequence,
-                           db_size_before=dbinfo.file_size(self.db))
+        rec = self.record
+        rec.bundle, rec.sequence = verified.name, verified.sequence
+        rec.db_size_before = dbinfo.file_size(self.db)
         j.advance(Phase.VERIFIED, bundle_name=verified.name, sequence=verified.sequence,
                   manifest_sha256=verified.manifest_sha256)
         checked = self.precheck(verified, target, allow_long, run_dir)
         the_plan, estimate, counts = checked.plan, checked.estimate_s, checked.counts
-        result.plan, result.estimate_s = the_plan, round(estimate, 3)
-        result.from_version, result.to_version = the_plan.current, the_plan.target
-        self.record.update(from_version=the_plan.current, to_version=the_plan.target,
-                           rows_before=counts, estimate_s=round(estimate, 3))
+        result = RunResult(run_id=j.run_id, outcome=Outcome.DRY_RUN, bundle=verified.name,
+                           sequence=verified.sequence, from_version=the_plan.current,
+                           to_version=the_plan.target, estimate_s=round(estimate, 3),
+                           plan=the_plan)
+        rec.from_version, rec.to_version = the_plan.current, the_plan.target
+        rec.rows_before, rec.estimate_s = counts, round(estimate, 3)
         j.advance(Phase.PRECHECKED, from_version=the_plan.current, to_version=the_plan.target,
                   estimate_s=estimate)
         self._describe(the_plan)
         if dry_run:
-            result.outcome = "dry-run"
             return result
         if the_plan.is_noop:
-            result.outcome = "up-to-date"
+            result.outcome = Outcome.UP_TO_DATE
             self.emit("plan", f"database already at version {the_plan.current}; nothing to do")
             return result
         if self.stop_requested():
@@ -346,9 +349,9 @@ class Run:
         except BaseException as exc:
             self.fail(_classify(exc))
             raise AssertionError("unreachable") from None
-        result.downtime_s = round(downtime, 3)
-        result.outcome = "applied"
-        self.record["db_size_after"] = dbinfo.file_size(self.db)
+        result.downtime_s = self.record.downtime_s = round(downtime, 3)
+        result.outcome = Outcome.APPLIED
+        self.record.db_size_after = dbinfo.file_size(self.db)
         if downtime > SLOW_RUN_S:
             self.reporter.alert("migration-slow", f"downtime {downtime:.0f} s exceeded "
                                 f"{SLOW_RUN_S:.0f} s")
@@ -388,7 +391,7 @@ class Run:
                              backup_sha256=bk.sha256 or None, backup_linked=bk.linked,
                              journal_mode=mode)
         result.backup = str(bk.path)
-        self.record["backup"] = str(bk.path)
+        self.record.backup = str(bk.path)
         self.emit("backed_up", f"backup {bk.path} ({'hard link' if bk.linked else 'copy'})")
         return stopped_counts
 
@@ -403,8 +406,7 @@ class Run:
             try:
                 self._work(eng, verified.source, the_plan)
             except Interrupted as exc:
-                raise MigrateError(f"{self._interrupt_reason()} ({exc.message})",
-                                   kind="interrupted") from None
+                raise RunInterrupted(f"{self._interrupt_reason()} ({exc.message})") from None
             if the_plan.target == verified.source.last_version:
                 eng.conn.execute(BUNDLES_DDL)
                 eng.conn.execute(
@@ -422,7 +424,7 @@ class Run:
         flushed = fsutil.InBackground(fsutil.fsync_file, work.path)
         rows_after: dict[str, int] = {}
         counts = stopped_counts.result()
-        self.record["rows_before"] = counts
+        self.record.rows_before = counts
         try:
             problems = self._validate(work.path, the_plan, counts, verified, downtime=True,
                                       deadline=self.deadline, rows_after=rows_after)
@@ -435,7 +437,7 @@ class Run:
             self.reporter.alert("validation-failed", "; ".join(problems[:5]))
             raise MigrateError("post-migration validation failed: "
                                + "; ".join(problems[:5]), kind="validation-failed")
-        self.record["rows_after"] = rows_after
+        self.record.rows_after = rows_after
 
     def _swap_in(self, work: swap.WorkingCopy, the_plan: Plan) -> None:
         j = self.journal
@@ -482,13 +484,11 @@ class Run:
         except OSError as exc:
             self._journal_unwritable(exc)
         if self.t_stop is not None:
-            self.record["downtime_s"] = round(time.monotonic() - self.t_stop, 3)
-        if self.journal.data.get("replaced"):
-            self.record["replaced"] = self.journal.data["replaced"]
-        raise MigrationFailed(
+            self.record.downtime_s = round(time.monotonic() - self.t_stop, 3)
+        failed = MigrationInterrupted if isinstance(err, StopInterrupted) else MigrationFailed
+        raise failed(
             f"{err.message} — {'the backup was restored and ' if restored_backup else ''}"
             "the app runs on the old database", kind=err.kind, restored=True)
-
 
     def _journal_unwritable(self, exc: OSError) -> None:
         """The journal cannot record the failure (its filesystem is full or gone). Before
@@ -606,87 +606,85 @@ def drive(config: Config, obtain: Callable[[Path], Verified], *, label: str,
     left, journal, obtain the verified source, execute, record."""
     services = services or for_unit(config.app_unit, config.systemctl)
     reporter = reporter or Reporter()
-    stop_requested = stop_requested or (lambda: False)
-    now = now or (lambda: datetime.now(UTC))
     _ensure_dirs(config)
     with RunLock(config.lock_path, wait=wait):
         recover(config, services=services, reporter=reporter)
         last = Journal.load(config.journal_path)
-        if last is not None and last.outcome == "restore-failed":
-            raise RestoreFailed(
+        if last is not None and last.outcome == Outcome.RESTORE_FAILED:
+            raise RestoreBlocked(
                 f"run {last.run_id} could not restore its backup and the database may be "
                 "damaged; no new run starts until an operator restores a backup "
-                "('zmonitor-migrate restore BACKUP')", kind="restore-blocked")
-        run = Run(config, services=services, reporter=reporter,
-                  stop_requested=stop_requested, now=now)
-        run.rollback_to = rollback_to
+                "('zmonitor-migrate restore BACKUP')")
         journal = Journal.create(config.journal_path, bundle=label,
                                  database=str(config.database), dry_run=dry_run,
                                  rollback_to=rollback_to)
-        run.journal = journal
         reporter.run_id = journal.run_id
+        run = Run(config, services=services, reporter=reporter,
+                  stop_requested=stop_requested or (lambda: False),
+                  now=now or (lambda: datetime.now(UTC)), journal=journal,
+                  started_at=time.time(), rollback_to=rollback_to)
         run_dir = config.state_dir / "runs" / journal.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        started = time.time()
-        result = RunResult(run_id=journal.run_id, outcome="")
+        result: RunResult | None = None
         error: MigrateError | None = None
         try:
-            reporter.emit("received", label)
-            try:
-                verified = obtain(run_dir)
-            except AlreadyApplied as done:
-                reporter.emit("verified", f"{done}; nothing to do")
-                result = RunResult(run_id=journal.run_id, outcome="up-to-date",
-                                   bundle=done.name, sequence=done.sequence)
-                return result
-            reporter.emit("verified", f"{verified.name} sequence {verified.sequence} verified"
-                          if verified.sequence else f"{verified.name}: source directory "
-                          "(unsigned, not verified)")
-            result = run.execute(verified, dry_run=dry_run, target=target,
-                                 allow_long=allow_long, run_dir=run_dir)
-            if rollback_to is not None and result.outcome == "applied":
-                result.outcome = "rolled-back"
-                reporter.alert("rollback-executed", f"rolled back to version {rollback_to}")
+            result = _obtain_and_execute(run, obtain, label, run_dir, dry_run=dry_run,
+                                         target=target, allow_long=allow_long)
             return result
         except BaseException as exc:
             error = exc if isinstance(exc, MigrateError) else MigrateError(
                 f"{type(exc).__name__}: {exc}", kind="internal")
             raise
         finally:
-            _finish(config, run, journal, result, error, started, run_dir, dry_run)
+            _finish(run, result, error, run_dir, dry_run)
 
 
-def _finish(config: Config, run: Run, journal: Journal, result: RunResult,
-            error: MigrateError | None, started: float, run_dir: Path, dry_run: bool) -> None:
-    if error is not None:
-        outcome = {3: "rejected", 4: "precheck-failed", 5: "restored",
-                   6: "restore-failed"}.get(error.exit_code, "failed")
-        if error.kind == "interrupted":
-            outcome = "interrupted"
+def _obtain_and_execute(run: Run, obtain: Callable[[Path], Verified], label: str,
+                        run_dir: Path, *, dry_run: bool, target: int | None,
+                        allow_long: bool) -> RunResult:
+    reporter = run.reporter
+    reporter.emit("received", label)
+    try:
+        verified = obtain(run_dir)
+    except AlreadyApplied as done:
+        reporter.emit("verified", f"{done}; nothing to do")
+        run.record.bundle, run.record.sequence = done.name, done.sequence
+        return RunResult(run_id=run.record.run_id, outcome=Outcome.UP_TO_DATE,
+                         bundle=done.name, sequence=done.sequence)
+    reporter.emit("verified", f"{verified.name} sequence {verified.sequence} verified"
+                  if verified.sequence else f"{verified.name}: source directory "
+                  "(unsigned, not verified)")
+    result = run.execute(verified, dry_run=dry_run, target=target,
+                         allow_long=allow_long, run_dir=run_dir)
+    if run.rollback_to is not None and result.outcome == Outcome.APPLIED:
+        result.outcome = Outcome.ROLLED_BACK
+        reporter.alert("rollback-executed", f"rolled back to version {run.rollback_to}")
+    return result
+
+
+def _finish(run: Run, result: RunResult | None, error: MigrateError | None, run_dir: Path,
+            dry_run: bool) -> None:
+    """Close the journal (a run that never stopped the app, or committed), append the
+    history line, prune the backups after a success, remove the run's directory."""
+    config, journal = run.config, run.journal
+    if error is not None or result is None:
+        outcome = Outcome.of_error(error) if error is not None else Outcome.FAILED
     else:
         outcome = result.outcome
     if not journal.closed and journal.phase in (Phase.RECEIVED, Phase.VERIFIED,
                                                 Phase.PRECHECKED, Phase.COMMITTED):
         journal.close(outcome, error=error.to_dict() if error else None)
-    result.phase_times = journal.phase_times()
+    if result is not None:
+        result.phase_times = journal.phase_times()
     if not dry_run:
-        record = {
-            "run_id": journal.run_id, "bundle": result.bundle or run.record.get("bundle"),
-            "sequence": result.sequence or run.record.get("sequence"),
-            "outcome": outcome, "started_at": started, "finished_at": time.time(),
-            "duration_s": round(time.time() - started, 3), "phase_times": result.phase_times,
-            "downtime_s": result.downtime_s if error is None else run.record.get("downtime_s"),
-            "error": error.to_dict() if error else None, "restored": outcome == "restored",
-            **{k: v for k, v in run.record.items() if k not in ("bundle", "sequence",
-                                                                  "downtime_s")},
-        }
+        run.record.error = error.to_dict() if error else None
         try:
-            history.append(config.history_path, record)
+            run.record.finish(outcome, journal).append(config.history_path)
         except OSError as exc:  # the outcome (exit code, journal) stands without it
             run.reporter.alert("history-unwritable", f"cannot append to "
                                f"{config.history_path}: {exc.strerror or exc}")
         write_metrics(config)
-    if outcome in ("applied", "rolled-back"):
+    if result is not None and outcome in (Outcome.APPLIED, Outcome.ROLLED_BACK):
         protect = {Path(result.backup)} if result.backup else set()
         backups.prune(config.database, config.backup_dir, config.backup_keep, protect)
         _check_backup(run, result)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import dbinfo, fsutil
 from .engine import read_applied
-from .errors import PlanError, PrecheckFailed
+from .errors import InterruptedBeforeStop, PlanError, PrecheckFailed
 from .plan import Plan, rollback_plan
 from .plan import plan as make_plan
 from .progress import Reporter
@@ -24,12 +24,11 @@ from .sources import Migration
 MB = 1024 * 1024
 
 
-def interrupted() -> PrecheckFailed:
-    """A stop request before the app was stopped: exit 4 (nothing touched), kind
-    "interrupted" like a stop mid-apply, so the daemon keeps the bundle for its next
-    start."""
-    return PrecheckFailed("stop requested (SIGTERM) before the app was stopped; "
-                          "nothing was changed", kind="interrupted")
+def interrupted() -> InterruptedBeforeStop:
+    """A stop request before the app was stopped: exit 4 (nothing touched), interrupted
+    like a stop mid-apply, so the daemon keeps the bundle for its next start."""
+    return InterruptedBeforeStop("stop requested (SIGTERM) before the app was stopped; "
+                                 "nothing was changed")
 
 
 def database_exists(db: Path) -> None:

@@ -19,15 +19,18 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import backup as backups
-from . import fsutil, history, swap
+from . import fsutil, swap
 from .config import Config
 from .errors import MigrateError, RestoreFailed
-from .journal import Journal, Phase
+from .journal import Action, Journal, Outcome, Phase
 from .progress import Reporter
+from .runrecord import RunRecord
 from .services import NoUnit, ServiceManager
 
 
@@ -62,7 +65,7 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
                 message = exc.message if isinstance(exc, MigrateError) else str(exc)
                 reporter.alert("restore-failed", f"{message}; the app is left STOPPED; manual "
                                f"action needed: 'zmonitor-migrate restore BACKUP'")
-                journal.close("restore-failed", restore_error=message)
+                journal.close(Outcome.RESTORE_FAILED, restore_error=message)
                 raise RestoreFailed(message) from None
             reporter.alert("restore-executed", f"backup {bk} restored over {config.database}"
                            + (f"; the database it replaced (with any rows written since the "
@@ -74,7 +77,8 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
         if not gate:
             start_app(services, reporter)
         journal.advance(Phase.APP_STARTED)
-    journal.close("restored" if journal.data.get("restored_backup") else "recovered-old")
+    journal.close(Outcome.RESTORED if journal.data.get("restored_backup")
+                  else Outcome.RECOVERED_OLD)
     return restored
 
 
@@ -110,7 +114,7 @@ def start_app(services: ServiceManager, reporter: Reporter) -> None:
 
 
 def _finish_forward(config: Config, journal: Journal, services: ServiceManager,
-                    reporter: Reporter, gate: bool) -> str:
+                    reporter: Reporter, gate: bool) -> Outcome:
     if journal.phase is Phase.SWAPPING:
         journal.advance(Phase.SWAPPED, swapped=True)
     if journal.phase is Phase.SWAPPED:
@@ -121,8 +125,8 @@ def _finish_forward(config: Config, journal: Journal, services: ServiceManager,
         services.health_gate(config.health_check_s, tick=reporter.heartbeat)
     if journal.phase is Phase.APP_STARTED:
         journal.advance(Phase.COMMITTED)
-    journal.close("applied", recovered=True)
-    return "applied"
+    journal.close(Outcome.APPLIED, recovered=True)
+    return Outcome.APPLIED
 
 
 def _remove_stale_run_dirs(config: Config, keep: str | None) -> None:
@@ -137,6 +141,67 @@ def _remove_stale_run_dirs(config: Config, keep: str | None) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+@dataclass
+class Recovery:
+    """One open run being finished: what every recovery action needs."""
+
+    config: Config
+    journal: Journal
+    services: ServiceManager
+    reporter: Reporter
+    gate: bool
+
+    def went_live(self) -> bool:
+        return swap.went_live(self.config.database, self.journal)
+
+
+def _abandon(r: Recovery) -> Outcome:
+    """The app was never stopped: close the run; start the app if it is down anyway."""
+    r.journal.close(Outcome.ABANDONED)
+    if not r.gate and not r.services.is_active():
+        start_app(r.services, r.reporter)
+    return Outcome.ABANDONED
+
+
+def _go_back(r: Recovery) -> Outcome:
+    """The old database: drop the copy if it never went live, restore the backup if it
+    did, start the app (``restore_after_failure`` resumes from the journal's phase)."""
+    restore_after_failure(r.config, r.journal, r.services, r.reporter,
+                          error={"kind": "interrupted",
+                                 "message": f"run interrupted in {r.journal.phase}"},
+                          gate=r.gate)
+    return Outcome(r.journal.outcome or Outcome.RECOVERED_OLD)
+
+
+def _go_forward(r: Recovery) -> Outcome:
+    """The migrated database is live: start the app, hold the health gate, commit; a
+    failing gate restores the backup."""
+    try:
+        return _finish_forward(r.config, r.journal, r.services, r.reporter, r.gate)
+    except MigrateError as exc:
+        r.reporter.alert("migration-failed", f"after recovery: {exc.message}")
+        restore_after_failure(r.config, r.journal, r.services, r.reporter,
+                              error=exc.to_dict(), gate=r.gate)
+        return Outcome(r.journal.outcome or Outcome.RESTORED)
+
+
+def _by_the_live_inode(r: Recovery) -> Outcome:
+    """Whether the rename happened is read from the live file, not from the journal."""
+    return _go_forward(r) if r.went_live() else _go_back(r)
+
+
+# journal.RECOVERY names the action for each phase; this is what each action does.
+ACTIONS: dict[Action, Callable[[Recovery], Outcome]] = {
+    Action.ABANDON: _abandon,
+    Action.DISCARD: _go_back,
+    Action.RESOLVE_SWAP: _by_the_live_inode,
+    Action.FINISH: _by_the_live_inode,
+    Action.COMMIT: _go_forward,
+    Action.RESTORE: _go_back,
+    Action.START_APP: _go_back,
+}
+
+
 def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
             gate: bool = False) -> str | None:
     """Finish the run the journal describes, if it is open. Returns the outcome, or None
@@ -149,46 +214,19 @@ def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
                            else journal.run_id)
     if journal is None or journal.closed:
         return None
-    if gate:
-        services = NoUnit()
     started = time.time()
     action = journal.recovery_action()
+    assert action is not None
     reporter.emit("recover", f"run {journal.run_id} was interrupted in phase "
                              f"{journal.phase}; recovery: {action}")
     reporter.extend(600)
-    outcome: str
     try:
-        if action == "abandon":
-            journal.close("abandoned")
-            outcome = "abandoned"
-            if not gate and not services.is_active():
-                start_app(services, reporter)
-        elif (action in ("resolve-swap", "finish", "commit")
-              and swap.went_live(config.database, journal)) or action == "commit":
-            try:
-                outcome = _finish_forward(config, journal, services, reporter, gate)
-            except MigrateError as exc:
-                reporter.alert("migration-failed", f"after recovery: {exc.message}")
-                restore_after_failure(config, journal, services, reporter,
-                                      error=exc.to_dict(), gate=gate)
-                outcome = journal.outcome or "restored"
-        else:
-            restore_after_failure(config, journal, services, reporter,
-                                  error={"kind": "interrupted",
-                                         "message": f"run interrupted in {journal.phase}"},
-                                  gate=gate)
-            outcome = journal.outcome or "recovered-old"
+        outcome = ACTIONS[action](Recovery(config, journal, NoUnit() if gate else services,
+                                           reporter, gate))
     finally:
         shutil.rmtree(config.state_dir / "runs" / journal.run_id, ignore_errors=True)
-    history.append(config.history_path, {
-        "run_id": journal.run_id, "bundle": journal.data.get("bundle_name"),
-        "sequence": journal.data.get("sequence"), "outcome": outcome, "recovered": True,
-        "recovery_action": action, "started_at": started, "finished_at": time.time(),
-        "duration_s": round(time.time() - started, 3), "phase_times": journal.phase_times(),
-        "from_version": journal.data.get("from_version"),
-        "to_version": journal.data.get("to_version"), "backup": journal.data.get("backup"),
-        "error": journal.data.get("error"), "restored": outcome == "restored",
-        "downtime_s": None, "replaced": journal.data.get("replaced"),
-    })
+    record = RunRecord.from_journal(journal, kind="recovery", started_at=started)
+    record.recovered, record.recovery_action = True, action
+    record.finish(outcome, journal).append(config.history_path)
     reporter.emit("recover", f"run {journal.run_id}: {outcome}")
     return outcome

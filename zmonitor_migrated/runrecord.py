@@ -1,0 +1,97 @@
+"""One run's record: the facts the history keeps of it, written one way by every caller.
+
+A run's facts are gathered in two places that must agree: the journal (durable, written
+before each phase's work: the bundle, the versions, the backup, the error, the database a
+restore replaced) and the run in memory (the row counts, the sizes, the downtime). A
+``RunRecord`` is built from the journal (``from_journal``) and completed by whoever ran
+the run, and it is the only way a history line is written (``append``): apply and
+rollback (``pipeline``), a recovered run (``recovery``) and an operator restore
+(``maintenance``) write the same type.
+
+A line keeps the keys each kind of record always had (``KEYS``), with ``null`` for an
+unknown value; any other field is written only when it is known. ``journal.Outcome``
+is a ``str`` enum, so a line reads exactly as before.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from . import history
+from .journal import Journal, Outcome
+
+# The keys a history line of each kind always carries (null when unknown).
+_COMMON = ("run_id", "outcome", "started_at", "finished_at", "duration_s", "phase_times",
+           "downtime_s", "restored")
+KEYS: dict[str, frozenset[str]] = {
+    "run": frozenset({*_COMMON, "bundle", "sequence", "error"}),
+    "recovery": frozenset({*_COMMON, "bundle", "sequence", "error", "recovered",
+                           "recovery_action", "from_version", "to_version", "backup",
+                           "replaced"}),
+    "restore": frozenset({*_COMMON, "operation", "backup", "replaced"}),
+}
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    kind: str = "run"  # run | recovery | restore: which keys a line always has
+    outcome: Outcome | None = None
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    phase_times: dict[str, float] = field(default_factory=dict)
+    operation: str | None = None  # "restore" for an operator restore
+    bundle: str | None = None
+    sequence: int | None = None
+    from_version: int | None = None
+    to_version: int | None = None
+    estimate_s: float | None = None
+    db_size_before: int | None = None
+    rows_before: dict[str, int] | None = None
+    backup: str | None = None
+    rows_after: dict[str, int] | None = None
+    db_size_after: int | None = None
+    downtime_s: float | None = None
+    error: dict[str, Any] | None = None
+    replaced: str | None = None  # the database a restore replaced, kept beside the backup
+    recovered: bool | None = None
+    recovery_action: str | None = None
+
+    @classmethod
+    def from_journal(cls, journal: Journal, *, kind: str,
+                     started_at: float | None = None) -> RunRecord:
+        """The facts the journal holds durably, under the names the history uses."""
+        data = journal.data
+        return cls(run_id=journal.run_id, kind=kind,
+                   started_at=time.time() if started_at is None else started_at,
+                   operation=data.get("operation"), bundle=data.get("bundle_name"),
+                   sequence=data.get("sequence"), from_version=data.get("from_version"),
+                   to_version=data.get("to_version"), backup=data.get("backup"),
+                   error=data.get("error"), replaced=data.get("replaced"))
+
+    @property
+    def restored(self) -> bool:
+        return self.outcome == Outcome.RESTORED
+
+    def finish(self, outcome: Outcome | str, journal: Journal) -> RunRecord:
+        self.outcome = Outcome(outcome)
+        self.finished_at = time.time()
+        self.phase_times = journal.phase_times()
+        if journal.data.get("replaced"):
+            self.replaced = str(journal.data["replaced"])
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        always = KEYS[self.kind]
+        finished = self.finished_at if self.finished_at is not None else time.time()
+        values: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                                  if f.name != "kind"}
+        values.update(finished_at=finished, restored=self.restored,
+                      duration_s=round(finished - self.started_at, 3))
+        return {k: v for k, v in values.items() if k in always or v is not None}
+
+    def append(self, history_path: Path) -> None:
+        history.append(history_path, self.to_dict())

@@ -2,7 +2,7 @@
 
 For each case a file of each size is written to a temporary directory, then the path a
 run (the daemon's, ``apply``'s) takes for an incoming file is timed from start to
-refusal: ``pipeline.verify_bundle`` = ``bundle.receive`` (the signature check on the incoming
+refusal: ``verified.verify_bundle`` = ``bundle.receive`` (the signature check on the incoming
 file, then ``private_copy``: read, sha256, write, fsync) then ``verify_bundle`` of the
 copy, against a trust store holding one key that signed none of these files. Each
 size/case is measured ``--runs`` times; the median is printed with MB/s of input
@@ -45,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zmonitor_migrated import pipeline
+from zmonitor_migrated import verified
 from zmonitor_migrated.archive import Caps
 from zmonitor_migrated.bundle import build, private_copy, verify_bundle
 from zmonitor_migrated.config import Config
@@ -200,7 +200,7 @@ def measure_run(path: Path, work: Path, config: Config) -> tuple[float, str]:
     """The run's own path: seconds to the refusal, and its kind."""
     run = Path(tempfile.mkdtemp(dir=work))
     try:
-        return _timed(lambda: pipeline.verify_bundle(config, path, run, datetime.now(UTC)))
+        return _timed(lambda: verified.verify_bundle(config, path, run, datetime.now(UTC)))
     finally:
         shutil.rmtree(run)
 

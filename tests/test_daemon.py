@@ -644,7 +644,7 @@ def test_attempt_record_cleared_when_handling_returns(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from zmonitor_migrated import pipeline
     from zmonitor_migrated.daemon import ATTEMPTS_FILE, Attempts, scan_inbox
-    from zmonitor_migrated.errors import MigrateError
+    from zmonitor_migrated.errors import InterruptedBeforeStop
 
     worker, inbox = _worker(tmp_path)
     _put(inbox / "a.zmb", 10)
@@ -653,7 +653,7 @@ def test_attempt_record_cleared_when_handling_returns(tmp_path: Path,
     def interrupted(*_a: object, **_k: object) -> None:
         seen.append(Attempts(tmp_path / "state" / ATTEMPTS_FILE, inbox).count(entry))
         worker.stop.requested = True  # type: ignore[attr-defined]
-        raise MigrateError("SIGTERM", kind="interrupted")
+        raise InterruptedBeforeStop("SIGTERM")
 
     monkeypatch.setattr(pipeline, "apply", interrupted)
     (entry,) = scan_inbox(inbox)

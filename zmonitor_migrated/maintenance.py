@@ -28,11 +28,12 @@ from .device_state import device_state, mark_rolled_back, seed_floor
 from .errors import BundleRejected, LockHeld, PrecheckFailed, RestoreFailed, UsageError
 from .journal import BEFORE_SWAP, Journal, Outcome, Phase
 from .lock import RunLock
-from .pipeline import Verified, drive, verify_for_rollback
+from .pipeline import drive
 from .progress import Reporter
 from .recovery import recover, restore_after_failure
 from .runrecord import RunRecord
 from .services import ServiceManager, for_unit
+from .verified import Verified, verify_for_rollback
 
 _UNSAFE = BEFORE_SWAP | {Phase.SWAPPING, Phase.FAILED, Phase.RESTORING}
 

@@ -15,14 +15,21 @@ Guarantees:
 - The bundle is admitted by ``admission.admit`` (the same verdict as ``bundle verify``
   and ``rollback --bundle``); the anti-rollback floor in the state dir is raised as soon
   as it is accepted, before the rehearsal (a dry run records nothing).
-- The live file is never written by a migration. The copy is migrated and validated,
-  then ``rename(2)``-ed over the live path, so a crash at any instant leaves either the
-  old database (every row intact) or the migrated, validated one. Until the rename,
-  failing needs no restore: the copy is discarded. After it, the backup is restored.
+- The live file is never written by a migration (``swap``: the working copy is migrated,
+  validated, sealed, then ``rename(2)``-ed over the live path), so a crash at any instant
+  leaves either the old database (every row intact) or the migrated, validated one.
+  Until the rename, failing needs no restore: the copy is discarded. After it, the
+  backup is restored.
 - The journal is written before each phase's work; ``recovery.recover`` finishes any run
   it finds open, so the app is never left stopped because this process died.
 - Downtime is measured from the moment the stop is requested until ``systemctl start``
   returns (the app is ready: it is ``Type=notify``).
+
+Where each part lives: ``verified`` (what a run starts from), ``prechecks`` and
+``rehearsal`` (before the stop), ``swap`` (the working copy and the rename),
+``recovery`` (after a failure or a crash), ``runrecord`` (the history line). This module
+is the order of the steps: ``drive`` → ``Run.execute`` → ``Run.precheck`` →
+``Run._downtime`` (or ``Run.fail``) → ``_finish``.
 """
 
 from __future__ import annotations
@@ -40,10 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backup as backups
-from . import bundle as bundle_mod
 from . import dbinfo, fsutil, history, prechecks, swap
-from .admission import admit
-from .archive import Caps
 from .config import Config
 from .engine import Engine, Interrupted, Progress, watch
 from .errors import (
@@ -66,9 +70,8 @@ from .rehearsal import Rehearsal, Rehearsed
 from .runrecord import RunRecord
 from .services import ServiceManager, for_unit
 from .sources import Source
-from .trust import TrustStore
 from .validate import validate
-from .verify import Decision, Purpose
+from .verified import AlreadyApplied, Verified, verify_bundle
 
 BUNDLES_DDL = """CREATE TABLE IF NOT EXISTS zmonitor_migrated_bundles (
     sequence INTEGER PRIMARY KEY,
@@ -123,17 +126,6 @@ class Prechecked:
     plan: Plan
     estimate_s: float  # the rehearsal's measured time (0 for a run with nothing to do)
     counts: dict[str, int]  # row counts of the live database at the pre-check
-
-
-@dataclass
-class Verified:
-    """What verification hands to the run: the manifest and the checked payload."""
-
-    name: str
-    sequence: int
-    manifest_sha256: str
-    source: Source
-    declared_loss: set[str]
 
 
 class Run:
@@ -291,7 +283,6 @@ class Run:
     def execute(self, verified: Verified, *, dry_run: bool, target: int | None,
                 allow_long: bool, run_dir: Path) -> RunResult:
         j = self.journal
-        assert j is not None
         rec = self.record
         rec.bundle, rec.sequence = verified.name, verified.sequence
         rec.db_size_before = dbinfo.file_size(self.db)
@@ -333,7 +324,6 @@ class Run:
         """From the stop to the commit, as the steps of the run. Any failure puts the old
         database back and starts the app (``fail``)."""
         j = self.journal
-        assert j is not None
         work = swap.WorkingCopy(self.db, swap.copy_path(self.db, j.run_id))
         j.advance(Phase.APP_STOPPED, copy=str(work.path), live_inode=os.stat(self.db).st_ino,
                   app_unit=self.services.name)
@@ -380,7 +370,6 @@ class Run:
         """Quiesce, copy and back up the live file. Returns the row counts of the database
         the app left behind (not of the pre-check: the app kept writing until the stop),
         counted on the quiesced live file beside the apply."""
-        assert self.journal is not None
         mode = swap.quiesce(self.db)
         # The backup's checksum is durable before the swap, the first moment a restore
         # could need it (before that the live file is the original, and recovery removes
@@ -397,7 +386,6 @@ class Run:
 
     def _migrate(self, work: swap.WorkingCopy, verified: Verified, the_plan: Plan) -> None:
         j = self.journal
-        assert j is not None
         j.advance(Phase.APPLYING, migration=the_plan.pending[0].version)
         with Engine(work.path, fast=True, min_batch=self.config.batch_size,
                     on_progress=self._progress("applying"),
@@ -441,7 +429,6 @@ class Run:
 
     def _swap_in(self, work: swap.WorkingCopy, the_plan: Plan) -> None:
         j = self.journal
-        assert j is not None
         bk = work.seal()
         j.advance(Phase.VALIDATED, backup_sha256=bk.sha256)
         j.advance(Phase.SWAPPING)
@@ -452,7 +439,7 @@ class Run:
     def _start_app(self) -> float:
         """Start the app on the migrated database and hold the health gate. Returns the
         downtime: from the stop request until ``start`` returned (the app is ready)."""
-        assert self.journal is not None and self.t_stop is not None
+        assert self.t_stop is not None
         cfg = self.config
         self.services.start()
         self.t_start = time.monotonic()
@@ -476,7 +463,6 @@ class Run:
 
     def fail(self, err: MigrateError) -> None:
         """Failure after the stop: put the old database back, start the app, raise."""
-        assert self.journal is not None
         self.reporter.alert("migration-failed", f"{err.kind}: {err.message}")
         try:
             restored_backup = restore_after_failure(self.config, self.journal, self.services,
@@ -496,7 +482,6 @@ class Run:
         the journal stays in its last durable phase, whose recovery (discard) is what was
         just done, so a later ``recover`` closes the run idempotently. After the rename
         nothing is guessed: exit 6, every file kept."""
-        assert self.journal is not None
         where = f"{self.config.journal_path}: {exc.strerror or exc}"
         if swap.went_live(self.db, self.journal):
             self.reporter.alert("restore-failed", f"the run journal cannot be written "
@@ -524,54 +509,6 @@ def _classify(exc: BaseException) -> MigrateError:
     if isinstance(exc, MigrateError):
         return exc
     return MigrateError(f"{type(exc).__name__}: {exc}", kind="internal")
-
-
-def verify_bundle(config: Config, bundle_path: Path, run_dir: Path, now: datetime, *,
-            record: bool = True, purpose: str = "apply",
-            tick: Callable[[], None] | None = None) -> Verified:
-    """Early signature check and private copy (``bundle.receive``), then
-    ``admission.admit``: full verification, device policy with the anti-rollback floor
-    (recorded here, before the rehearsal, unless ``record`` is off), the payload's YAML.
-    Raises BundleRejected, or AlreadyApplied for a no-op. ``tick`` (the watchdog
-    heartbeat) is called between bounded reads of the bundle."""
-    caps = Caps.from_config(config)
-    trust = TrustStore.from_config(config)
-    private = bundle_mod.receive(Path(bundle_path), run_dir, trust, caps=caps, tick=tick)
-    adm = admit(config, private, extract_to=run_dir / "payload", now=now,
-                purpose=Purpose(purpose), record=record, trust=trust, tick=tick)
-    vb = adm.bundle
-    if adm.decision == Decision.ALREADY_APPLIED:
-        applied = adm.state.applied
-        pending = [m.version for m in vb.manifest.migrations if m.version not in applied]
-        if pending:  # rolled back since: "nothing to do" would be untrue
-            raise BundleRejected(
-                f"bundle {vb.manifest.name} sequence {vb.manifest.sequence} was applied "
-                f"before, but the database was rolled back since: version "
-                f"{max(applied, default=0)}, {len(pending)} migration(s) of this bundle pending "
-                f" ({', '.join(f'{v:04d}' for v in pending)}). A bundle is applied "
-                "once (anti-rollback); to re-apply, build the same source with a higher "
-                f"sequence ('zmonitor-migrate bundle build SRC -o NEW.zmb --key KEY "
-                f"--sequence {vb.manifest.sequence + 1}') and apply that bundle",
-                kind="rollback")
-        raise AlreadyApplied(vb.manifest.name, vb.manifest.sequence)
-    return Verified(name=vb.manifest.name, sequence=vb.manifest.sequence,
-                    manifest_sha256=vb.manifest_sha256, source=vb.source,
-                    declared_loss=set(vb.manifest.declared_row_loss))
-
-
-def verify_for_rollback(config: Config, bundle_path: Path, run_dir: Path,
-                 now: datetime | None = None,
-                 tick: Callable[[], None] | None = None) -> Verified:
-    """For ``rollback --bundle``: the same admission as apply (signature, device type,
-    anti-rollback floor, time, applied hashes, payload YAML), never "nothing to do"."""
-    return verify_bundle(config, bundle_path, run_dir, now or datetime.now(UTC),
-                   purpose="rollback", tick=tick)
-
-
-class AlreadyApplied(Exception):
-    def __init__(self, name: str, sequence: int) -> None:
-        super().__init__(f"bundle {name} sequence {sequence} is already applied")
-        self.name, self.sequence = name, sequence
 
 
 def apply(bundle_path: Path, config: Config, *, services: ServiceManager | None = None,

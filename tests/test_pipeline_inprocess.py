@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from conftest import table_rows
 from zmonitor_migrated import config as config_mod
 from zmonitor_migrated import dbinfo, maintenance, pipeline, recovery, swap
 from zmonitor_migrated.errors import MigrateError, MigrationFailed
-from zmonitor_migrated.journal import RECOVERY, Action, Journal, Outcome, Phase
+from zmonitor_migrated.journal import RECOVERY, Action, Journal, Outcome, Phase, RunFacts
 from zmonitor_migrated.progress import Reporter
 from zmonitor_migrated.sample import make_sample_db
 from zmonitor_migrated.services import UnitError
@@ -127,6 +128,12 @@ def _history(cfg: config_mod.Config) -> list[dict[str, object]]:
     return [json.loads(line) for line in cfg.history_path.read_text().splitlines()]
 
 
+def _typed(j: Journal) -> Journal:
+    """Every key the run wrote to the journal is a field of its typed view."""
+    assert set(j.data) <= {f.name for f in fields(RunFacts)}, set(j.data)
+    return j
+
+
 def _no_working_copy(cfg: config_mod.Config) -> bool:
     return not list(cfg.database.parent.glob("*.migrating-*"))
 
@@ -161,8 +168,9 @@ def test_apply_in_process(cfg: config_mod.Config, shipped_bundle: Path, app: Fak
     assert app.calls == ["stop", "start", "health_gate"]
     after = table_rows(cfg.database)
     assert all(len(after[t]) >= n for t, n in rows.items() if t in after)
-    j = _journal(cfg)
+    j = _typed(_journal(cfg))
     assert j.outcome == Outcome.APPLIED and j.phase is Phase.COMMITTED
+    assert j.facts.backup == result.backup and j.facts.bundle_name == "zmonitor"
     [line] = _history(cfg)
     assert line["outcome"] == "applied" and line["restored"] is False
     assert line["backup"] == result.backup and Path(str(result.backup)).is_file()
@@ -210,7 +218,7 @@ def test_a_failure_at_each_step_of_the_downtime_restores_the_old_database(
         _apply(cfg, shipped_bundle, app)
     assert failed.value.exit_code == 5
     _assert_old(cfg, before, app)
-    j = _journal(cfg)
+    j = _typed(_journal(cfg))
     assert j.outcome == Outcome.RESTORED if step in AFTER_THE_RENAME else \
         j.outcome == Outcome.RECOVERED_OLD
     assert j.data["restored_backup"] is (step in AFTER_THE_RENAME)
@@ -335,7 +343,7 @@ def test_operator_restore_enters_the_journal_in_failed(
     assert maintenance.restore(cfg, backup=applied, services=app, reporter=Reporter()) \
         == applied
     assert table_rows(cfg.database) == backup_rows and app.active
-    j = _journal(cfg)
+    j = _typed(_journal(cfg))
     assert [p for p, _t in j.phases] == ["failed", "restoring", "restored", "app_started",
                                          "closed"]
     assert j.outcome == Outcome.RESTORED and j.data["operation"] == "restore"

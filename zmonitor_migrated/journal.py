@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -134,6 +134,53 @@ class Outcome(StrEnum):
 _BY_EXIT_CODE = {3: Outcome.REJECTED, 4: Outcome.PRECHECK_FAILED, 5: Outcome.RESTORED,
                  6: Outcome.RESTORE_FAILED}
 
+@dataclass(frozen=True)
+class RunFacts:
+    """The journal's payload, typed: what a run has durably recorded so far, each field
+    written with the phase that learns it (``journal.json`` keeps them as ``data``)."""
+
+    # received (Journal.create / Journal.create_restore)
+    bundle: str | None = None  # the label the run was started with (path, "rollback --to N")
+    database: str | None = None
+    dry_run: bool | None = None
+    rollback_to: int | None = None
+    operation: str | None = None  # "restore" for an operator restore
+    # verified
+    bundle_name: str | None = None
+    sequence: int | None = None
+    manifest_sha256: str | None = None
+    # prechecked
+    from_version: int | None = None
+    to_version: int | None = None
+    estimate_s: float | None = None
+    # app_stopped: before the stop, what recovery needs to tell the copy from the live file
+    copy: str | None = None
+    live_inode: int | None = None
+    app_unit: str | None = None
+    # backed_up, applying, validated (the backup's sha256 is sealed at validated)
+    backup: str | None = None
+    backup_sha256: str | None = None
+    backup_linked: bool | None = None
+    journal_mode: str | None = None
+    migration: int | None = None
+    # swapped, app_started
+    swapped: bool | None = None
+    downtime_s: float | None = None
+    # failed, restoring, restored, closed
+    error: dict[str, Any] | None = None
+    replaced: str | None = None  # the database a restore replaced, kept beside the backup
+    restored_backup: bool | None = None
+    restore_error: str | None = None
+    recovered: bool | None = None
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> RunFacts:
+        return cls(**{k: v for k, v in data.items() if k in _FACT_NAMES})
+
+
+_FACT_NAMES = frozenset(f.name for f in fields(RunFacts))
+
+
 class IllegalTransition(MigrateError):
     kind = "illegal-transition"
 
@@ -208,6 +255,10 @@ class Journal:
 
     def save(self) -> None:
         atomic_write(self.path, json.dumps(self.to_dict(), indent=1, sort_keys=True).encode())
+
+    @property
+    def facts(self) -> RunFacts:
+        return RunFacts.of(self.data)
 
     # -- state machine --------------------------------------------------------------
     @property

@@ -68,8 +68,8 @@ def pick_backup(config: Config, backup: Path | None, run_id: str | None) -> Path
             if record.get("run_id") == run_id and record.get("backup"):
                 return Path(record["backup"])
         journal = Journal.load(config.journal_path)
-        if journal and journal.run_id == run_id and journal.data.get("backup"):
-            return Path(journal.data["backup"])
+        if journal and journal.run_id == run_id and journal.facts.backup:
+            return Path(journal.facts.backup)
         raise UsageError(f"run {run_id} has no backup on record; see 'zmonitor-migrate "
                          "history' for run ids")
     found = backups.list_backups(config.database, config.backup_dir)

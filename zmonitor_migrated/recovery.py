@@ -48,7 +48,7 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
     if journal.phase is Phase.RESTORING:
         swapped = swap.went_live(config.database, journal)
         if swapped:
-            bk = journal.data.get("backup")
+            bk = journal.facts.backup
             try:
                 if not gate:
                     services.stop(config.stop_timeout_s)
@@ -58,7 +58,7 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
                 reporter.emit("restoring", f"restoring {bk} over {config.database}")
                 reporter.extend(600)
                 # A damaged backup is refused before anything, the kept file included.
-                digest = backups.verify(Path(bk), journal.data.get("backup_sha256"))
+                digest = backups.verify(Path(bk), journal.facts.backup_sha256)
                 replaced = _keep_replaced(config, journal, reporter, Path(bk).parent)
                 backups.restore(Path(bk), config.database, verified=digest)
             except (RestoreFailed, MigrateError, OSError) as exc:
@@ -77,7 +77,7 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
         if not gate:
             start_app(services, reporter)
         journal.advance(Phase.APP_STARTED)
-    journal.close(Outcome.RESTORED if journal.data.get("restored_backup")
+    journal.close(Outcome.RESTORED if journal.facts.restored_backup
                   else Outcome.RECOVERED_OLD)
     return restored
 
@@ -89,8 +89,8 @@ def _keep_replaced(config: Config, journal: Journal, reporter: Reporter,
     rename does not keep the restored copy in its place. Best effort: a monitor left
     stopped is worse than losing the few rows written since the backup, so a failure to
     keep it is an alert, not a failed restore."""
-    if journal.data.get("replaced"):
-        return str(journal.data["replaced"])
+    if journal.facts.replaced:
+        return journal.facts.replaced
     if not config.database.exists():
         return None
     try:

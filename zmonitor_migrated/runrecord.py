@@ -64,13 +64,12 @@ class RunRecord:
     def from_journal(cls, journal: Journal, *, kind: str,
                      started_at: float | None = None) -> RunRecord:
         """The facts the journal holds durably, under the names the history uses."""
-        data = journal.data
+        facts = journal.facts
         return cls(run_id=journal.run_id, kind=kind,
                    started_at=time.time() if started_at is None else started_at,
-                   operation=data.get("operation"), bundle=data.get("bundle_name"),
-                   sequence=data.get("sequence"), from_version=data.get("from_version"),
-                   to_version=data.get("to_version"), backup=data.get("backup"),
-                   error=data.get("error"), replaced=data.get("replaced"))
+                   bundle=facts.bundle_name, sequence=facts.sequence,
+                   from_version=facts.from_version, to_version=facts.to_version,
+                   backup=facts.backup, error=facts.error, replaced=facts.replaced)
 
     @property
     def restored(self) -> bool:
@@ -80,8 +79,8 @@ class RunRecord:
         self.outcome = Outcome(outcome)
         self.finished_at = time.time()
         self.phase_times = journal.phase_times()
-        if journal.data.get("replaced"):
-            self.replaced = str(journal.data["replaced"])
+        if journal.facts.replaced:
+            self.replaced = journal.facts.replaced
         return self
 
     def to_dict(self) -> dict[str, Any]:

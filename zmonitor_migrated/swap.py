@@ -157,9 +157,10 @@ class WorkingCopy:
 def went_live(db: Path, journal: Journal) -> bool:
     """Whether the run's copy replaced the live file: the live path's inode is no longer
     the one recorded before the stop. An operator restore always restores."""
-    if journal.data.get("operation") == "restore":
+    facts = journal.facts
+    if facts.operation == "restore":
         return True
-    live_inode = journal.data.get("live_inode")
+    live_inode = facts.live_inode
     if live_inode is None:
         return False
     try:
@@ -171,7 +172,7 @@ def went_live(db: Path, journal: Journal) -> bool:
 def discard(db: Path, backup_dir: Path, journal: Journal) -> None:
     """Undo a run whose copy never went live: the copy and any backup link to the live
     inode go; the live file was never written."""
-    copy = journal.data.get("copy")
+    copy = journal.facts.copy
     if copy:
         fsutil.remove(Path(copy))
         fsutil.remove_sidecars(Path(copy))

@@ -290,7 +290,10 @@ class Run:
                   manifest_sha256=verified.manifest_sha256)
         checked = self.precheck(verified, target, allow_long, run_dir)
         the_plan, estimate, counts = checked.plan, checked.estimate_s, checked.counts
-        result = RunResult(run_id=j.run_id, outcome=Outcome.DRY_RUN, bundle=verified.name,
+        # Until the downtime succeeds (applied), the run changed nothing.
+        result = RunResult(run_id=j.run_id,
+                           outcome=Outcome.DRY_RUN if dry_run else Outcome.UP_TO_DATE,
+                           bundle=verified.name,
                            sequence=verified.sequence, from_version=the_plan.current,
                            to_version=the_plan.target, estimate_s=round(estimate, 3),
                            plan=the_plan)
@@ -302,7 +305,6 @@ class Run:
         if dry_run:
             return result
         if the_plan.is_noop:
-            result.outcome = Outcome.UP_TO_DATE
             self.emit("plan", f"database already at version {the_plan.current}; nothing to do")
             return result
         if self.stop_requested():

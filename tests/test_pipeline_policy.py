@@ -11,19 +11,20 @@ from zmonitor_migrated import config as config_mod
 from zmonitor_migrated.daemon import _Stop, process
 from zmonitor_migrated.errors import MigrateError, MigrationSqlError
 from zmonitor_migrated.journal import Journal, Phase
-from zmonitor_migrated.pipeline import _classify
+from zmonitor_migrated.pipeline import classify_failure
 from zmonitor_migrated.progress import Reporter
 
 
 def test_a_full_disk_is_named_whatever_layer_noticed_it() -> None:
-    os_err = _classify(OSError(errno.ENOSPC, "No space left on device"))
-    sql_err = _classify(MigrationSqlError("m.sql", 3, "database or disk is full", version=12))
-    other = _classify(ValueError("boom"))
+    os_err = classify_failure(OSError(errno.ENOSPC, "No space left on device"))
+    sql_err = classify_failure(MigrationSqlError("m.sql", 3, "database or disk is full",
+                                                 version=12))
+    other = classify_failure(ValueError("boom"))
     assert os_err.kind == "disk-full" and "free space" in os_err.message
     assert sql_err.kind == "disk-full" and "m.sql:3" in sql_err.message
     assert other.kind == "internal" and "ValueError" in other.message
     named = MigrateError("x", kind="validation-failed")
-    assert _classify(named) is named
+    assert classify_failure(named) is named
 
 
 def _record_failed_restore(device) -> config_mod.Config:

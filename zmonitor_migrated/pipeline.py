@@ -339,7 +339,7 @@ class Run:
             downtime = self._start_app()
             j.advance(Phase.COMMITTED)
         except BaseException as exc:
-            self.fail(_classify(exc))
+            self.fail(classify_failure(exc))
             raise AssertionError("unreachable") from None
         result.downtime_s = self.record.downtime_s = round(downtime, 3)
         result.outcome = Outcome.APPLIED
@@ -500,7 +500,7 @@ class Run:
                               "run", kind="journal-unwritable", restored=True) from None
 
 
-def _classify(exc: BaseException) -> MigrateError:
+def classify_failure(exc: BaseException) -> MigrateError:
     """Name the cause of a failure after the stop; a full disk gets its own kind."""
     full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or \
         "database or disk is full" in str(getattr(exc, "message", exc))

@@ -34,7 +34,6 @@ is the order of the steps: ``drive`` → ``Run.execute`` → ``Run.precheck`` �
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import shutil
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backup as backups
-from . import dbinfo, fsutil, history, prechecks, swap
+from . import dbinfo, fsutil, prechecks, swap
 from .config import Config
 from .engine import Engine, Interrupted, Progress, watch
 from .errors import (
@@ -67,7 +66,7 @@ from .plan import Plan
 from .progress import Reporter, format_duration
 from .recovery import recover, restore_after_failure, start_app
 from .rehearsal import Rehearsal, Rehearsed
-from .runrecord import RunRecord
+from .runrecord import RunRecord, write_metrics
 from .services import ServiceManager, for_unit
 from .sources import Source
 from .validate import validate
@@ -646,25 +645,6 @@ def _check_backup(run: Run, result: RunResult) -> None:
     if bad:
         run.reporter.alert("backup-damaged", f"backup {result.backup} fails its integrity "
                            f"check: {'; '.join(bad[:3])}")
-
-
-def write_metrics(config: Config) -> None:
-    if config.metrics_path is None:
-        return
-    version = size = None
-    try:
-        if config.database.exists():
-            conn = dbinfo.open_ro(config.database)
-            try:
-                version = dbinfo.current_version(conn)
-            finally:
-                conn.close()
-            size = dbinfo.file_size(config.database)
-    except sqlite3.Error:
-        version = None
-    with contextlib.suppress(OSError):  # metrics are advisory; the history holds the truth
-        history.write_metrics(config.metrics_path, history.render_metrics(
-            history.read(config.history_path), current_version=version, db_size=size))
 
 
 def _ensure_dirs(config: Config) -> None:

@@ -1,4 +1,5 @@
-"""One run's record: the facts the history keeps of it, written one way by every caller.
+"""One run's record: the facts the history keeps of it, written one way by every caller,
+and the metrics derived from the history.
 
 A run's facts are gathered in two places that must agree: the journal (durable, written
 before each phase's work: the bundle, the versions, the backup, the error, the database a
@@ -15,12 +16,15 @@ is a ``str`` enum, so a line reads exactly as before.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from . import history
+from . import dbinfo, history
+from .config import Config
 from .journal import Journal, Outcome
 
 # The keys a history line of each kind always carries (null when unknown).
@@ -94,3 +98,23 @@ class RunRecord:
 
     def append(self, history_path: Path) -> None:
         history.append(history_path, self.to_dict())
+
+
+def write_metrics(config: Config) -> None:
+    """Refresh the Prometheus textfile from the whole history and the live database."""
+    if config.metrics_path is None:
+        return
+    version = size = None
+    try:
+        if config.database.exists():
+            conn = dbinfo.open_ro(config.database)
+            try:
+                version = dbinfo.current_version(conn)
+            finally:
+                conn.close()
+            size = dbinfo.file_size(config.database)
+    except sqlite3.Error:
+        version = None
+    with contextlib.suppress(OSError):  # metrics are advisory; the history holds the truth
+        history.write_metrics(config.metrics_path, history.render_metrics(
+            history.read(config.history_path), current_version=version, db_size=size))

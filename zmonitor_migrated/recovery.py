@@ -44,33 +44,10 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
     if journal.phase is Phase.FAILED:
         journal.advance(Phase.RESTORING)
     restored = False
-    replaced: str | None = None
     if journal.phase is Phase.RESTORING:
-        swapped = swap.went_live(config.database, journal)
-        if swapped:
-            bk = journal.facts.backup
-            try:
-                if not gate:
-                    services.stop(config.stop_timeout_s)
-                if not bk:
-                    raise RestoreFailed("the migrated database went live but the journal "
-                                        "names no backup; nothing was overwritten")
-                reporter.emit("restoring", f"restoring {bk} over {config.database}")
-                reporter.extend(600)
-                # A damaged backup is refused before anything, the kept file included.
-                digest = backups.verify(Path(bk), journal.facts.backup_sha256)
-                replaced = _keep_replaced(config, journal, reporter, Path(bk).parent)
-                backups.restore(Path(bk), config.database, verified=digest)
-            except (RestoreFailed, MigrateError, OSError) as exc:
-                message = exc.message if isinstance(exc, MigrateError) else str(exc)
-                reporter.alert("restore-failed", f"{message}; the app is left STOPPED; manual "
-                               f"action needed: 'zmonitor-migrate restore BACKUP'")
-                journal.close(Outcome.RESTORE_FAILED, restore_error=message)
-                raise RestoreFailed(message) from None
-            reporter.alert("restore-executed", f"backup {bk} restored over {config.database}"
-                           + (f"; the database it replaced (with any rows written since the "
-                              f"backup) is kept as {replaced}" if replaced else ""))
-            restored = True
+        restored = swap.went_live(config.database, journal)
+        if restored:
+            _put_backup_back(config, journal, services, reporter, gate)
         swap.discard(config.database, config.backup_dir, journal)
         journal.advance(Phase.RESTORED, restored_backup=restored)
     if journal.phase is Phase.RESTORED:
@@ -80,6 +57,35 @@ def restore_after_failure(config: Config, journal: Journal, services: ServiceMan
     journal.close(Outcome.RESTORED if journal.facts.restored_backup
                   else Outcome.RECOVERED_OLD)
     return restored
+
+
+def _put_backup_back(config: Config, journal: Journal, services: ServiceManager,
+                     reporter: Reporter, gate: bool) -> None:
+    """The migrated copy went live: stop the app, verify the backup against its recorded
+    sha256, keep the database it replaces, copy the backup over the live path. Any
+    failure closes the run ``restore-failed`` (the app stays stopped) and raises."""
+    bk = journal.facts.backup
+    try:
+        if not gate:
+            services.stop(config.stop_timeout_s)
+        if not bk:
+            raise RestoreFailed("the migrated database went live but the journal "
+                                "names no backup; nothing was overwritten")
+        reporter.emit("restoring", f"restoring {bk} over {config.database}")
+        reporter.extend(600)
+        # A damaged backup is refused before anything, the kept file included.
+        digest = backups.verify(Path(bk), journal.facts.backup_sha256)
+        replaced = _keep_replaced(config, journal, reporter, Path(bk).parent)
+        backups.restore(Path(bk), config.database, verified=digest)
+    except (RestoreFailed, MigrateError, OSError) as exc:
+        message = exc.message if isinstance(exc, MigrateError) else str(exc)
+        reporter.alert("restore-failed", f"{message}; the app is left STOPPED; manual "
+                       f"action needed: 'zmonitor-migrate restore BACKUP'")
+        journal.close(Outcome.RESTORE_FAILED, restore_error=message)
+        raise RestoreFailed(message) from None
+    reporter.alert("restore-executed", f"backup {bk} restored over {config.database}"
+                   + (f"; the database it replaced (with any rows written since the "
+                      f"backup) is kept as {replaced}" if replaced else ""))
 
 
 def _keep_replaced(config: Config, journal: Journal, reporter: Reporter,

@@ -16,7 +16,10 @@ takes a fraction of a second. What they pin:
   rename, the migrated one after it (read from the live inode), the backup after a
   failure;
 - an operator restore enters the journal in ``failed`` and is finished by ``recover``
-  when it dies half-way.
+  when it dies half-way;
+- each kind of history line (applied, up-to-date, recovered, restore) has exactly the
+  keys it had before the record was typed, and every key a run writes to the journal is
+  a field of ``journal.RunFacts``.
 """
 
 from __future__ import annotations
@@ -157,6 +160,18 @@ def _assert_migrated(cfg: config_mod.Config, app: FakeApp) -> None:
     assert _no_working_copy(cfg)
 
 
+# The keys of each kind of history line (the format stays what it was before RunRecord).
+COMMON = {"run_id", "outcome", "started_at", "finished_at", "duration_s", "phase_times",
+          "downtime_s", "restored"}
+APPLIED_KEYS = COMMON | {"bundle", "sequence", "error", "from_version", "to_version",
+                         "estimate_s", "backup", "rows_before", "rows_after",
+                         "db_size_before", "db_size_after"}
+UP_TO_DATE_KEYS = COMMON | {"bundle", "sequence", "error"}
+RECOVERY_KEYS = COMMON | {"bundle", "sequence", "error", "recovered", "recovery_action",
+                          "from_version", "to_version", "backup", "replaced"}
+RESTORE_KEYS = COMMON | {"operation", "backup", "replaced"}
+
+
 # -- the happy path ---------------------------------------------------------------------
 
 def test_apply_in_process(cfg: config_mod.Config, shipped_bundle: Path, app: FakeApp) -> None:
@@ -174,12 +189,12 @@ def test_apply_in_process(cfg: config_mod.Config, shipped_bundle: Path, app: Fak
     [line] = _history(cfg)
     assert line["outcome"] == "applied" and line["restored"] is False
     assert line["backup"] == result.backup and Path(str(result.backup)).is_file()
-    assert {"rows_before", "rows_after", "db_size_before", "db_size_after", "error",
-            "downtime_s", "phase_times"} <= set(line)
+    assert set(line) == APPLIED_KEYS
     # The same bundle again: nothing to do, one more line.
     again = _apply(cfg, shipped_bundle, app)
     assert again.outcome == Outcome.UP_TO_DATE
     assert _history(cfg)[-1]["outcome"] == "up-to-date"
+    assert set(_history(cfg)[-1]) == UP_TO_DATE_KEYS
 
 
 # -- a failure at each step of the downtime ---------------------------------------------
@@ -301,6 +316,7 @@ def test_recover_carries_out_each_row_of_the_table(
         _assert_migrated(cfg, app)
     assert _journal(cfg).outcome == outcome
     line = _history(cfg)[-1]
+    assert set(line) == RECOVERY_KEYS
     assert line["recovered"] is True and line["recovery_action"] == action
     assert line["outcome"] == outcome and line["run_id"] == j.run_id
     assert recovery.recover(cfg, services=app, reporter=Reporter()) is None
@@ -348,8 +364,8 @@ def test_operator_restore_enters_the_journal_in_failed(
                                          "closed"]
     assert j.outcome == Outcome.RESTORED and j.data["operation"] == "restore"
     line = _history(cfg)[-1]
+    assert set(line) == RESTORE_KEYS
     assert line["operation"] == "restore" and line["outcome"] == "restored"
-    assert "bundle" not in line and "error" not in line
 
 
 def test_operator_restore_killed_half_way_is_finished_by_recover(

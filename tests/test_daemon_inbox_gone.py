@@ -21,6 +21,9 @@ def test_the_daemon_outlives_its_inbox_vanishing(device: Device, tmp_path: Path)
     daemon = Daemon(device, tmp_path, journal=True)
     try:
         daemon.ready()
+        # After READY=1 the inbox watch is set up; the first idle pass comes after it.
+        daemon.wait_for(lambda: daemon.messages.count("WATCHDOG=1") >= 2,
+                        label="the first idle pass")
         inbox = device.root / "inbox"
         shutil.rmtree(inbox)
         daemon.wait_for(lambda: "is gone" in _err(tmp_path), label="the inbox-gone warning")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import author_new
-from .cli_args import source_dir
+from .cli_args import db_path, int_range, source_dir
 from .sources import KINDS
 from .text import clean
 
@@ -60,10 +60,65 @@ def register(subparsers: Any) -> None:
     _json_flag(p)
     p.set_defaults(func=handle_new, no_config=True)
 
+    dev = subparsers.add_parser(
+        "dev", help="apply, inspect or roll back a plain database file (laptop, no device)",
+        description="The laptop path: the device's lint, planner, engine and validation on "
+                    "a plain database file, with no signature, key, trust directory, "
+                    "configuration, state directory or app unit. The file is replaced only "
+                    "by a validated copy.")
+    actions = dev.add_subparsers(dest="dev_command", metavar="{apply,status,rollback}")
+    actions.required = True
+    a = actions.add_parser("apply", help="apply pending migrations (like migrate.py --db)")
+    _dev_common(a)
+    a.add_argument("--target", type=int_range(0), metavar="N", help="stop at version N")
+    a.add_argument("--dry-run", action="store_true",
+                   help="print the plan, rehearse it on a copy and validate; change nothing")
+    a.set_defaults(func=handle_dev_apply, no_config=True)
+    s = actions.add_parser("status", help="version, applied (hash checked), pending")
+    _dev_common(s)
+    s.set_defaults(func=handle_dev_status, no_config=True)
+    r = actions.add_parser("rollback", help="run rollback scripts down to a version")
+    _dev_common(r)
+    r.add_argument("--to", type=int_range(0), metavar="N",
+                   help="version to roll back to (default: one below the current)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="rehearse the rollback on a copy and validate; change nothing")
+    r.set_defaults(func=handle_dev_rollback, no_config=True)
+
+
+def _dev_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", type=db_path, required=True, metavar="FILE",
+                        help="the database file (apply creates it when missing)")
+    parser.add_argument("--source", type=source_dir, required=True, metavar="SRC",
+                        help="the migration source")
+    _json_flag(parser)
+
+
+def handle_dev_apply(args: argparse.Namespace, config: None) -> int:
+    from . import devdb
+
+    run = devdb.apply(args.db, args.source, target=args.target, dry_run=args.dry_run)
+    _emit(args, run.to_dict(), devdb.render_run(run))
+    return 0
+
+
+def handle_dev_rollback(args: argparse.Namespace, config: None) -> int:
+    from . import devdb
+
+    run = devdb.rollback(args.db, args.source, to=args.to, dry_run=args.dry_run)
+    _emit(args, run.to_dict(), devdb.render_run(run))
+    return 0
+
+
+def handle_dev_status(args: argparse.Namespace, config: None) -> int:
+    from . import devdb
+
+    info = devdb.status(args.db, args.source)
+    _emit(args, info, devdb.render_status(info))
+    return 0
+
 
 def _batch_size(text: str) -> int:
-    from .cli_args import int_range
-
     return int_range(1, 100_000_000)(text)
 
 

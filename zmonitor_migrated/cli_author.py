@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import author_new
-from .cli_args import db_path, int_range, source_dir
+from .cli_args import db_path, existing_file, int_range, new_file, source_dir
 from .sources import KINDS
 from .text import clean
 
@@ -85,6 +85,40 @@ def register(subparsers: Any) -> None:
                    help="rehearse the rollback on a copy and validate; change nothing")
     r.set_defaults(func=handle_dev_rollback, no_config=True)
 
+    c = subparsers.add_parser(
+        "check", help="the migration repository's CI check: lint, empty and fixture "
+                      "databases, up/down/up, generated header, timing",
+        description="Run every check a migrations repository's CI runs, one line per step; "
+                    "exit 3 if any step fails.")
+    c.add_argument("source", type=source_dir, metavar="SRC", help="the migration source")
+    c.add_argument("--json", dest="json_file", type=new_file, metavar="FILE",
+                   help="also write the result as JSON to FILE")
+    c.add_argument("--junit", type=new_file, metavar="FILE",
+                   help="also write the result as JUnit XML to FILE")
+    c.add_argument("--fixture", type=existing_file, metavar="DB",
+                   help="sample-data fixture at an older version: an SQL dump or an SQLite "
+                        "file (default: generated sample data)")
+    c.add_argument("--fixture-version", type=int_range(0), metavar="N",
+                   help="version of the generated fixture (default: half the history)")
+    c.add_argument("--timing-rows", type=int_range(1, 50_000_000), metavar="N",
+                   help="time each migration on a generated database of N vitals rows")
+    c.add_argument("--header", type=existing_file, metavar="HEADER",
+                   help="committed SchemaInfo.h to compare (default: "
+                        "SRC/generated/SchemaInfo.h when it exists)")
+    c.set_defaults(func=handle_check, no_config=True)
+
+    g = subparsers.add_parser(
+        "codegen", help="generate the app's SchemaInfo.h from schema/database.yaml",
+        description="C++ constants for every table and column of SRC/schema/database.yaml, "
+                    "byte for byte the same for the same schema.")
+    g.add_argument("source", type=source_dir, metavar="SRC", help="the migration source")
+    g.add_argument("-o", "--output", type=new_file, metavar="HEADER", default=None,
+                   help="file to write (default: print it)")
+    g.add_argument("--check", action="store_true",
+                   help="write nothing; exit 3 if HEADER is missing or stale")
+    _json_flag(g)
+    g.set_defaults(func=handle_codegen, no_config=True)
+
 
 def _dev_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", type=db_path, required=True, metavar="FILE",
@@ -115,6 +149,65 @@ def handle_dev_status(args: argparse.Namespace, config: None) -> int:
 
     info = devdb.status(args.db, args.source)
     _emit(args, info, devdb.render_status(info))
+    return 0
+
+
+def handle_check(args: argparse.Namespace, config: None) -> int:
+    from . import check
+    from .errors import UsageError
+
+    if args.fixture is not None and args.fixture_version is not None:
+        raise UsageError("--fixture-version is for the generated fixture; a --fixture file "
+                         "has its own version")
+    if args.fixture_version is not None:
+        from .sources import discover
+
+        last = discover(args.source)[0].last_version
+        if args.fixture_version >= last:
+            raise UsageError(f"--fixture-version {args.fixture_version}: the fixture must be "
+                             f"older than the source's last version {last}")
+    options = check.Options(fixture=args.fixture, fixture_version=args.fixture_version,
+                            timing_rows=args.timing_rows, header=args.header)
+
+    def show(step: check.Step) -> None:
+        print(clean(step.line()), flush=True)
+        if step.failed or step.name == "timing":
+            for line in step.details:
+                print(clean(f"      {line}"))
+
+    steps = check.run_check(args.source, options, on_step=show)
+    if args.json_file is not None:
+        args.json_file.write_text(json.dumps(check.to_dict(args.source, steps), indent=2,
+                                             sort_keys=True) + "\n", encoding="utf-8")
+    if args.junit is not None:
+        args.junit.write_bytes(check.junit_xml(args.source, steps))
+    failed = [s.name for s in steps if s.failed]
+    print(f"check {'FAILED: ' + ', '.join(failed) if failed else 'passed'} "
+          f"({len(steps)} steps, {sum(s.seconds for s in steps):.1f} s)")
+    return 3 if failed else 0
+
+
+def handle_codegen(args: argparse.Namespace, config: None) -> int:
+    from . import codegen
+    from .errors import UsageError
+
+    if args.output is None:
+        if args.check:
+            raise UsageError("--check needs -o HEADER, the committed header to compare")
+        text = codegen.generate(args.source)
+        if args.json:
+            print(json.dumps({"ok": True, "header": text}))
+        else:
+            print(text, end="")
+        return 0
+    if args.check:
+        codegen.check(args.source, args.output)
+        _emit(args, {"ok": True, "header": str(args.output), "current": True},
+              [f"{args.output} is current"])
+        return 0
+    changed = codegen.write(args.source, args.output)
+    _emit(args, {"ok": True, "header": str(args.output), "written": changed},
+          [f"wrote {args.output}" if changed else f"{args.output} is already current"])
     return 0
 
 

@@ -127,6 +127,15 @@ def test_a_stale_header_fails_codegen(tmp_path: Path) -> None:
     assert run(["check", str(src)])[0] == 0
 
 
+def test_a_rollback_that_fails_is_named_with_its_phase(tmp_path: Path) -> None:
+    src = copy_source(tmp_path)
+    (src / "migrations/rollback/0003_rollback.sql").write_text("DROP TABLE no_such_table;\n")
+    code, out, _ = run(["check", str(src), "--fixture", str(FIXTURE_SQL)])
+    assert code == 3
+    assert statuses(out)["roundtrip"] == "FAIL"
+    assert "0003 down (from the fixture) failed" in out and "no such table" in out
+
+
 @pytest.mark.parametrize(("argv", "named"), [
     (["--timing-rows", "0"], "--timing-rows"),
     (["--fixture", "MISSING"], "--fixture"),

@@ -119,3 +119,15 @@ def test_a_config_option_is_refused(tmp_path: Path) -> None:
                         "--source", str(src)])
     assert code == 2
     assert "does not read a configuration" in err
+
+
+def test_the_default_source_is_the_current_directory_and_must_be_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["new", "schema", "Add a column"])
+    assert code == 2 and "--source" in err
+    assert list(tmp_path.iterdir()) == []  # nothing created in a directory that is no source
+    src = copy_source(tmp_path)
+    monkeypatch.chdir(src)
+    assert run(["new", "schema", "Add a column"])[0] == 0
+    assert (src / "migrations/schema/0015_schema_add_a_column.sql").is_file()

@@ -206,17 +206,24 @@ def compare(label: str, want: Snapshot, got: Snapshot, named: set[str], *,
 
 
 def _roundtrip_one(eng: Engine, source: Source, version: int) -> list[str]:
-    """From version - 1: up, down, up again, comparing after each."""
+    """From version - 1: up, down, up again, comparing after each. A migration or
+    rollback that fails is reported with the phase it failed in."""
     named = named_tables(source, version)
     tag = f"{version:04d}"
-    before = snapshot(eng.conn)
-    eng.apply(source, target=version)
-    up = snapshot(eng.conn)
-    problems = compare(f"{tag} up", before, up, named, shape=False)
-    eng.rollback(source, version - 1)
-    problems += compare(f"{tag} down", before, snapshot(eng.conn), named, shape=True)
-    eng.apply(source, target=version)
-    problems += compare(f"{tag} up again", up, snapshot(eng.conn), named, shape=True)
+    phase = "up"
+    try:
+        before = snapshot(eng.conn)
+        eng.apply(source, target=version)
+        up = snapshot(eng.conn)
+        problems = compare(f"{tag} up", before, up, named, shape=False)
+        phase = "down"
+        eng.rollback(source, version - 1)
+        problems += compare(f"{tag} down", before, snapshot(eng.conn), named, shape=True)
+        phase = "up again"
+        eng.apply(source, target=version)
+        problems += compare(f"{tag} up again", up, snapshot(eng.conn), named, shape=True)
+    except MigrateError as exc:
+        raise _Failed(f"{tag} {phase} failed: {exc.message}") from None
     return problems
 
 
@@ -318,7 +325,11 @@ class Checker:
         load_fixture(fixture, down_db)
         with _engine(down_db) as eng:
             for version in range(low, 0, -1):
-                eng.rollback(source, version - 1)
+                try:
+                    eng.rollback(source, version - 1)
+                except MigrateError as exc:
+                    raise _Failed(f"{version:04d} down (from the fixture) failed: "
+                                  f"{exc.message}") from None
                 problems += _roundtrip_one(eng, source, version)
                 eng.rollback(source, version - 1)
         if problems:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from . import author_new
@@ -47,7 +46,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("kind", choices=KINDS, metavar="TYPE", help="schema, data or seed")
     p.add_argument("description", metavar="DESCRIPTION",
                    help="one line, e.g. \"Add notes field to patients\"")
-    p.add_argument("--source", type=source_dir, default=Path("."), metavar="SRC",
+    p.add_argument("--source", type=source_dir, default=".", metavar="SRC",
                    help="the migration source (default: the current directory)")
     p.add_argument("--risk", choices=author_new.RISKS, default=None,
                    help="the header's risk (default: schema MEDIUM, data HIGH, seed LOW)")

@@ -185,13 +185,28 @@ def test_the_device_database_path_is_refused(tmp_path: Path) -> None:
     (["dev", "status", "--db", "T", "--source", "DIR"], "--source"),
     (["dev", "rollback", "--db", "MISSING", "--source", "SRC"], "no such database"),
     (["dev", "wipe", "--db", "T", "--source", "SRC"], "wipe"),
+    (["dev", "apply", "--db", "NOPARENT", "--source", "SRC"], "--db"),
+    (["dev", "apply", "--db", "NOTDB", "--source", "SRC"], "not a readable SQLite"),
 ])
 def test_bad_arguments_are_exit_2_naming_the_option(tmp_path: Path, argv: list[str],
                                                     named: str) -> None:
     src = copy_source(tmp_path)
     subst = {"SRC": str(src), "T": str(tmp_path / "t.db"), "DIR": str(tmp_path),
-             "MISSING": str(tmp_path / "missing.db")}
+             "MISSING": str(tmp_path / "missing.db"),
+             "NOPARENT": str(tmp_path / "no" / "dir" / "t.db"),
+             "NOTDB": str(tmp_path / "notdb.db")}
+    (tmp_path / "notdb.db").write_text("not a database\n")
     code, _, err = run([subst.get(a, a) for a in argv])
     assert code == 2, err
     assert named in err and "Traceback" not in err
     assert not (tmp_path / "t.db").exists()
+
+
+def test_the_library_refuses_the_device_database_too(tmp_path: Path) -> None:
+    from zmonitor_migrated import devdb
+    from zmonitor_migrated.errors import UsageError
+
+    src = copy_source(tmp_path)
+    for call in (devdb.apply, devdb.rollback, devdb.status):
+        with pytest.raises(UsageError, match="device's database"):
+            call(devdb.DEVICE_DATABASE, src)

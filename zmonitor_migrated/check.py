@@ -425,6 +425,8 @@ def run_check(root: Path, options: Options,
                 step.status, step.message = "fail", exc.message
             except sqlite3.Error as exc:
                 step.status, step.message = "fail", f"SQLite: {exc}"
+            except OSError as exc:
+                step.status, step.message = "fail", f"cannot read or write a file: {exc}"
             step.seconds = time.monotonic() - t0
             steps.append(step)
             if on_step is not None:

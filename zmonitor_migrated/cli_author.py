@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from . import author_new
-from .cli_args import db_path, existing_file, int_range, new_file, source_dir
+from .cli_args import ArgumentError, db_path, existing_file, int_range, new_file, source_dir
 from .sources import KINDS
 from .text import clean
 
@@ -119,8 +120,24 @@ def register(subparsers: Any) -> None:
     g.set_defaults(func=handle_codegen, no_config=True)
 
 
+def _dev_db(text: str) -> Path:
+    """A database file that may not exist yet, in a directory that does."""
+    from .devdb import DEVICE_DATABASE
+
+    path = db_path(text)
+    if path.absolute() == DEVICE_DATABASE:
+        raise ArgumentError(f"{path} is the device's database; the laptop path works on a "
+                            "copy (cp it to another path first)")
+    if not path.absolute().parent.is_dir():
+        raise ArgumentError(f"directory {path.parent} not found; create it first")
+    return path
+
+
+_dev_db.__name__ = "path"
+
+
 def _dev_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", type=db_path, required=True, metavar="FILE",
+    parser.add_argument("--db", type=_dev_db, required=True, metavar="FILE",
                         help="the database file (apply creates it when missing)")
     parser.add_argument("--source", type=source_dir, required=True, metavar="SRC",
                         help="the migration source")

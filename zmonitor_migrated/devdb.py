@@ -234,16 +234,21 @@ def _run(db: Path, root: Path, action: str, *, dry_run: bool,
         _quiesce(db)
     loss = set(counts) if rollback else dev.declared_loss
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="zmonitor-dev-",
-                                     dir=None if dry_run else db.absolute().parent) as tmp:
-        work = Path(tmp) / "migrated.db"
-        result.versions = _migrate_copy(db, work, work_on(dev, the_plan),
-                                        target=the_plan.target,
-                                        last_version=dev.source.last_version, counts=counts,
-                                        loss=loss, root=root)
-        result.seconds = time.monotonic() - started
-        if not dry_run:
-            _swap(work, db, mode)
+    try:
+        # Beside the file: the rename that replaces it stays on one filesystem.
+        with tempfile.TemporaryDirectory(prefix="zmonitor-dev-",
+                                         dir=None if dry_run else db.absolute().parent) as tmp:
+            work = Path(tmp) / "migrated.db"
+            result.versions = _migrate_copy(db, work, work_on(dev, the_plan),
+                                            target=the_plan.target,
+                                            last_version=dev.source.last_version,
+                                            counts=counts, loss=loss, root=root)
+            result.seconds = time.monotonic() - started
+            if not dry_run:
+                _swap(work, db, mode)
+    except OSError as exc:
+        raise PrecheckFailed(f"cannot write the migrated copy beside {db}: {exc}; {db} was "
+                             "not changed", kind="io") from None
     return result
 
 
@@ -260,6 +265,7 @@ def apply(db: Path, root: Path, *, target: int | None = None, dry_run: bool = Fa
 
 
 def rollback(db: Path, root: Path, *, to: int | None = None, dry_run: bool = False) -> DevRun:
+    check_db_path(db)
     _existing(db)
 
     def decide(dev: DevSource, applied: list[AppliedRow]) -> tuple[Plan, list[str]]:

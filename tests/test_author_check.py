@@ -101,6 +101,8 @@ def test_a_migration_that_loses_the_fixtures_rows_fails_its_validation(tmp_path:
     (src / "migrations/data/0015_data_drop_open_alarms.sql").write_text(
         "DELETE FROM alarms WHERE resolved_at IS NULL;\n")
     (src / "migrations/rollback/0015_rollback.sql").write_text("-- nothing to undo\n")
+    spec = src / "schema/database.yaml"
+    spec.write_text(spec.read_text().replace("version: 14", "version: 15", 1))
     code, steps, out, _ = check_copy(src, tmp_path)
     assert code == 3
     assert (steps["lint"], steps["empty"], steps["fixture"]) == ("PASS", "PASS", "FAIL")
@@ -118,6 +120,9 @@ def test_a_stale_header_fails_codegen(tmp_path: Path) -> None:
     spec.write_text(spec.read_text().replace(
         "      - {name: notes, type: TEXT}\n",
         "      - {name: notes, type: TEXT}\n      - {name: weight_kg, type: REAL}\n", 1))
+    code, steps, out, _ = check_copy(src, tmp_path)
+    assert steps["empty"] == "FAIL" and "says version 14, the history ends at 15" in out
+    spec.write_text(spec.read_text().replace("version: 14", "version: 15", 1))
     code, steps, out, _ = check_copy(src, tmp_path)
     assert code == 3
     assert steps == {"lint": "PASS", "empty": "PASS", "fixture": "PASS", "roundtrip": "PASS",

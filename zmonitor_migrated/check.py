@@ -8,7 +8,7 @@ temporary directory, with the device's lint, planner, engine and validation:
    whole history compiled under the runner's checks (``lint.lint_source``).
 2. ``empty``: the whole history applied to an empty database, then validated
    (``validate.validate``: version, integrity, foreign keys, ``checks/post.yaml``,
-   ``schema/database.yaml``).
+   ``schema/database.yaml``, whose ``version``, when given, must be the last one).
 3. ``fixture``: the history applied to a database loaded from a sample-data fixture at
    an older version, then validated the same way, with row counts (no table may lose
    rows unless ``bundle.yaml`` declares it). The fixture is ``--fixture FILE`` (an SQL
@@ -53,7 +53,7 @@ from .engine import Engine, read_applied
 from .errors import MigrateError, UsageError
 from .lint import lint_source
 from .sample import make_sample_db
-from .schema_spec import SchemaSpec, diff, is_ignored_table, live_schema
+from .schema_spec import SchemaSpec, diff, is_ignored_table, live_schema, load_spec
 from .sources import Source
 from .validate import validate
 
@@ -261,6 +261,12 @@ class Checker:
         with _engine(db) as eng:
             eng.apply(source)
         problems = _validate(db, source, counts={}, loss=set())
+        spec_file = self.root / codegen.SPEC
+        if spec_file.is_file():
+            declared = load_spec(spec_file).version
+            if declared is not None and declared != source.last_version:
+                problems.append(f"schema/database.yaml says version {declared}, the history "
+                                f"ends at {source.last_version}: update its version")
         if problems:
             raise _Failed(f"the database built from nothing fails validation "
                           f"({len(problems)} problem(s))", problems)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from author_helpers import FIXTURE_SQL, SHIPPED, copy_source, run
 
+from zmonitor_migrated import check
+
 
 def statuses(out: str) -> dict[str, str]:
     """The step lines of the printed report: step name → PASS/FAIL/SKIP."""
@@ -120,16 +122,35 @@ def test_a_stale_header_fails_codegen(tmp_path: Path) -> None:
     spec.write_text(spec.read_text().replace(
         "      - {name: notes, type: TEXT}\n",
         "      - {name: notes, type: TEXT}\n      - {name: weight_kg, type: REAL}\n", 1))
-    code, steps, out, _ = check_copy(src, tmp_path)
-    assert steps["empty"] == "FAIL" and "says version 14, the history ends at 15" in out
     spec.write_text(spec.read_text().replace("version: 14", "version: 15", 1))
     code, steps, out, _ = check_copy(src, tmp_path)
     assert code == 3
     assert steps == {"lint": "PASS", "empty": "PASS", "fixture": "PASS", "roundtrip": "PASS",
                      "codegen": "FAIL"}
     assert "SchemaInfo.h is stale" in out
-    assert run(["codegen", str(src), "-o", str(src / "generated/SchemaInfo.h")])[0] == 0
-    assert run(["check", str(src)])[0] == 0
+    header = str(src / "generated/SchemaInfo.h")
+    assert run(["codegen", str(src), "-o", header])[0] == 0
+    assert run(["codegen", str(src), "-o", header, "--check"])[0] == 0
+    assert "WEIGHT_KG" in Path(header).read_text()
+
+
+def test_a_database_yaml_version_behind_the_history_fails_the_empty_step(
+        tmp_path: Path) -> None:
+    src = copy_source(tmp_path)
+    (src / "migrations/schema/0015_schema_add_patient_weight.sql").write_text(
+        "ALTER TABLE patients ADD COLUMN weight_kg REAL;\n")
+    spec = src / "schema/database.yaml"
+    spec.write_text(spec.read_text().replace(
+        "      - {name: notes, type: TEXT}\n",
+        "      - {name: notes, type: TEXT}\n      - {name: weight_kg, type: REAL}\n", 1))
+    (src / "migrations/rollback/0015_rollback.sql").write_text(
+        "ALTER TABLE patients DROP COLUMN weight_kg;\n")
+    checker = check.Checker(src, check.Options(), tmp_path)
+    checker.lint()
+    with pytest.raises(check._Failed) as failed:
+        checker.empty()
+    assert failed.value.details == ["schema/database.yaml says version 14, the history ends "
+                                    "at 15: update its version"]
 
 
 def test_a_rollback_that_fails_is_named_with_its_phase(tmp_path: Path) -> None:

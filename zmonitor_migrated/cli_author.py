@@ -169,7 +169,7 @@ def handle_dev_status(args: argparse.Namespace, config: None) -> int:
 
 
 def handle_check(args: argparse.Namespace, config: None) -> int:
-    from . import check
+    from . import check, check_report
     from .errors import UsageError
 
     if args.fixture is not None and args.fixture_version is not None:
@@ -193,10 +193,11 @@ def handle_check(args: argparse.Namespace, config: None) -> int:
 
     steps = check.run_check(args.source, options, on_step=show)
     if args.json_file is not None:
-        args.json_file.write_text(json.dumps(check.to_dict(args.source, steps), indent=2,
-                                             sort_keys=True) + "\n", encoding="utf-8")
+        args.json_file.write_text(json.dumps(check_report.to_dict(args.source, steps),
+                                             indent=2, sort_keys=True) + "\n",
+                                  encoding="utf-8")
     if args.junit is not None:
-        args.junit.write_bytes(check.junit_xml(args.source, steps))
+        args.junit.write_bytes(check_report.junit_xml(args.source, steps))
     failed = [s.name for s in steps if s.failed]
     print(f"check {'FAILED: ' + ', '.join(failed) if failed else 'passed'} "
           f"({len(steps)} steps, {sum(s.seconds for s in steps):.1f} s)")

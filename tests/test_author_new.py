@@ -131,3 +131,13 @@ def test_the_default_source_is_the_current_directory_and_must_be_one(
     monkeypatch.chdir(src)
     assert run(["new", "schema", "Add a column"])[0] == 0
     assert (src / "migrations/schema/0015_schema_add_a_column.sql").is_file()
+
+
+def test_a_stub_cannot_be_built_into_a_bundle(tmp_path: Path) -> None:
+    src = copy_source(tmp_path)
+    assert run(["new", "data", "Fix labels", "--source", str(src)])[0] == 0
+    assert run(["keygen", str(tmp_path / "release")])[0] == 0
+    code, _, err = run(["bundle", "build", str(src), "-o", str(tmp_path / "b.zmb"), "--key",
+                        str(tmp_path / "release.key"), "--sequence", "1"])
+    assert code == 3 and "[todo]" in err and "0015_data_fix_labels.sql" in err
+    assert not (tmp_path / "b.zmb").exists()

@@ -19,7 +19,9 @@ none, and it refuses the packaged device database path.
 As on the device the file itself is never migrated: a copy beside it is migrated and
 validated, and only a valid result is renamed over it. A failing migration or validation
 leaves the file as it was (exit 4); ``--dry-run`` does the same on a copy in a temporary
-directory and always leaves the file alone.
+directory and always leaves the file alone. There is no app unit to stop: a program
+writing the file is detected only while it holds a write transaction or a WAL reader
+(exit 4 ``database-locked``), so close the app on a laptop before applying.
 
 A stub that ``zmonitor-migrate new`` left unwritten (``-- zmonitor:todo``) does not stop
 the laptop path where it is not run: a migration can be tried before its rollback is

@@ -85,3 +85,13 @@ def test_bad_arguments_are_exit_2(tmp_path: Path, argv: list[str], named: str) -
              "NODIR/SchemaInfo.h": str(tmp_path / "nodir" / "SchemaInfo.h")}
     code, _, err = run([subst.get(a, a) for a in argv])
     assert code == 2 and named in err and "Traceback" not in err
+
+
+def test_check_without_o_compares_the_committed_header(tmp_path: Path) -> None:
+    src = copy_source(tmp_path)
+    code, out, err = run(["codegen", str(src), "--check"])
+    assert code == 0, err
+    header = src / "generated" / "SchemaInfo.h"
+    header.write_text(header.read_text() + "// edited\n")
+    code, out, err = run(["codegen", str(src), "--check"])
+    assert code == 3 and "stale" in err + out, (out, err)

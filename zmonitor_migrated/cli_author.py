@@ -115,7 +115,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("-o", "--output", type=new_file, metavar="HEADER", default=None,
                    help="file to write (default: print it)")
     g.add_argument("--check", action="store_true",
-                   help="write nothing; exit 3 if HEADER is missing or stale")
+                   help="write nothing; exit 3 if HEADER (default: SRC/generated/SchemaInfo.h) "
+                        "is missing or stale")
     _json_flag(g)
     g.set_defaults(func=handle_codegen, no_config=True)
 
@@ -206,11 +207,11 @@ def handle_check(args: argparse.Namespace, config: None) -> int:
 
 def handle_codegen(args: argparse.Namespace, config: None) -> int:
     from . import codegen
-    from .errors import UsageError
 
+    if args.output is None and args.check:
+        # The header `check` compares: the one committed in the source.
+        args.output = args.source / codegen.DEFAULT_HEADER
     if args.output is None:
-        if args.check:
-            raise UsageError("--check needs -o HEADER, the committed header to compare")
         text = codegen.generate(args.source)
         if args.json:
             print(json.dumps({"ok": True, "header": text}))

@@ -81,7 +81,7 @@ def load_source(root: Path) -> DevSource:
 def _refuse_stubs(dev: DevSource, paths: list[str], what: str) -> None:
     unwritten = [p for p in paths if p in dev.stubs]
     if unwritten:
-        raise LintFailed(f"{what} not written yet (still the stub 'zmonitor-migrate new' made, "
+        raise LintFailed(f"{what} is not written yet (still the stub 'zmonitor-migrate new' made, "
                          f"with its zmonitor:todo line): {', '.join(unwritten)}", kind="todo")
 
 
@@ -223,7 +223,7 @@ def _run(db: Path, root: Path, action: str, *, dry_run: bool,
     created = not db.exists()
     applied, counts, mode = _read(db) if not created else ([], {}, None)
     the_plan, stub_paths = decide(dev, applied)
-    _refuse_stubs(dev, stub_paths, "to run" if not rollback else "rollback")
+    _refuse_stubs(dev, stub_paths, "a migration to run" if not rollback else "a rollback to run")
     warnings = [str(p) for p in dev.stubs.values()] + [str(p) for p in dev.warnings]
     result = DevRun(db=db, action=action, from_version=the_plan.current,
                     to_version=the_plan.target, versions=[], dry_run=dry_run, seconds=0.0,

@@ -317,6 +317,8 @@ def test_recover_carries_out_each_row_of_the_table(
     assert _journal(cfg).outcome == outcome
     line = _history(cfg)[-1]
     assert set(line) == RECOVERY_KEYS
+    # The downtime runs from the journal's stop to the start the recovery made.
+    assert (line["downtime_s"] is None) == (action is Action.ABANDON)
     assert line["recovered"] is True and line["recovery_action"] == action
     assert line["outcome"] == outcome and line["run_id"] == j.run_id
     assert recovery.recover(cfg, services=app, reporter=Reporter()) is None
@@ -365,6 +367,7 @@ def test_operator_restore_enters_the_journal_in_failed(
     assert j.outcome == Outcome.RESTORED and j.data["operation"] == "restore"
     line = _history(cfg)[-1]
     assert set(line) == RESTORE_KEYS
+    assert isinstance(line["downtime_s"], float)  # from its entry (the stop) to the start
     assert line["operation"] == "restore" and line["outcome"] == "restored"
 
 

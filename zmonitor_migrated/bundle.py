@@ -152,7 +152,8 @@ def payload_files(src: Path) -> list[str]:
     return sorted(found)
 
 
-def _declared_row_loss(src: Path) -> tuple[str, ...]:
+def declared_row_loss(src: Path) -> tuple[str, ...]:
+    """The tables ``bundle.yaml`` says this source may shrink (sorted)."""
     raw = yaml.safe_load((src / "bundle.yaml").read_text(encoding="utf-8")) or {}
     tables = raw.get("declared_row_loss") if isinstance(raw, dict) else None
     if tables is None:
@@ -199,7 +200,7 @@ def build(src: Path, out: Path, keys: list[Path], sequence: int, *, created: dat
         name=source.info.name, app=source.info.app, device_types=source.info.device_types,
         description=source.info.description, sequence=sequence, created=created,
         expires=expires, files=tuple(files), migrations=source.migrations,
-        declared_row_loss=_declared_row_loss(src),
+        declared_row_loss=declared_row_loss(src),
     )
     data = manifest.to_json()
     try:

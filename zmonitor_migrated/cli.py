@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, cli_bundle, cli_schema, inventory
+from . import __version__, cli_author, cli_bundle, cli_sample, cli_schema, inventory
 from . import config as config_mod
 from .cli_args import (
     Parser,
@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_bundle.register(sub, common)
     cli_schema.register(sub, common)
+    cli_sample.register(sub, common)
     inventory.register(sub, common)
+    cli_author.register(sub)
     return parser
 
 
@@ -339,6 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"{args.command} does not support --json: it prints a guided "
                              "tour for a person (demo) or logs for journald (daemon); run it "
                              "without --json")
+        if getattr(args, "no_config", False):
+            # The author's commands (cli_author) never read a device configuration.
+            if getattr(args, "config", None) is not None:
+                raise UsageError(f"{args.command} does not read a configuration: it works "
+                                 "on a source and a plain database file; drop --config")
+            return int(args.func(args, None))
         config = config_mod.load(getattr(args, "config", None))
         if getattr(args, "db", None):
             config = config.with_overrides(database=args.db.absolute())

@@ -66,9 +66,14 @@ def _new_file(path: Path, mode: int, *, exclusive: bool = True) -> Iterator[int]
     os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, exact_mode: bool = False
+                 ) -> None:
+    """``exact_mode``: the file gets ``mode`` whatever the umask (the daemon's unit sets
+    ``UMask=0077``; a file meant for other readers must say so)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with _new_file(tmp, mode, exclusive=False) as fd:
+        if exact_mode:
+            os.fchmod(fd, mode)
         _write_all(fd, data)
         os.fsync(fd)
     try:

@@ -17,7 +17,9 @@ Errors (the source is refused by ``lint``, ``bundle build`` and the run):
 - ``temp-object``: ``CREATE TEMP …`` or anything in the ``temp`` schema: a TEMP table
   shadows the real one of the same name for the rest of the connection; use a regular
   table and drop it at the end of the migration;
-- ``syntax``: text that does not split into complete statements.
+- ``syntax``: text that does not split into complete statements;
+- ``todo``: a ``-- zmonitor:todo`` line, left by ``zmonitor-migrate new`` in a migration
+  or rollback that is not written yet (an empty rollback would pass every other check).
 
 Errors found by compiling the SQL, as the device does (``engine``): the whole history is
 applied in order to an empty in-memory database under the runner's authorizer, then
@@ -77,6 +79,7 @@ _TEMP = re.compile(r"^CREATE\s+(TEMP|TEMPORARY)\b")
 _ALLOW = re.compile(r"--\s*zmonitor:allow\s+([\w-]+(?:[\s,]+[\w-]+)*)")
 _DDL = ("CREATE", "ALTER", "DROP")
 _DML = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+_TODO = re.compile(r"^[ \t]*--[ \t]*zmonitor:todo\b", re.MULTILINE)
 _FORBIDDEN = ("ATTACH", "DETACH", "PRAGMA", "ROLLBACK", "SAVEPOINT", "RELEASE", "VACUUM")
 
 
@@ -122,6 +125,11 @@ def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
         if severity == "warning" and code in allowed:
             return
         problems.append(Problem(severity, path, line, code, message))
+
+    for todo in _TODO.finditer(text):
+        report("error", text.count("\n", 0, todo.start()) + 1, "todo",
+               "not written yet: this is still the stub 'zmonitor-migrate new' made; write "
+               "the statements and delete the zmonitor:todo line")
 
     try:
         statements = sqlscript.executable(text)

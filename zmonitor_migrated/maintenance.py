@@ -31,7 +31,7 @@ from .lock import RunLock
 from .pipeline import drive
 from .progress import Reporter
 from .recovery import recover, restore_after_failure
-from .runrecord import RunRecord
+from .runrecord import RunRecord, write_metrics
 from .services import ServiceManager, for_unit
 from .verified import Verified, verify_for_rollback
 
@@ -109,8 +109,11 @@ def restore(config: Config, *, backup: Path | None = None, run_id: str | None = 
         finally:
             record = RunRecord(run_id=journal.run_id, kind="restore", started_at=started,
                                operation="restore", backup=str(path))
+            # From the stop to the start: an interrupted restore's downtime counts too.
+            record.downtime_s = journal.downtime_s()
             record.finish(Outcome.RESTORE_FAILED if journal.outcome == Outcome.RESTORE_FAILED
                           else Outcome.RESTORED, journal).append(config.history_path)
+        write_metrics(config)
         if journal.outcome == Outcome.RESTORE_FAILED:
             raise RestoreFailed(f"restoring {path} failed; see the log")
         return path

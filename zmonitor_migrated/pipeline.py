@@ -464,7 +464,13 @@ class Run:
 
     def fail(self, err: MigrateError) -> None:
         """Failure after the stop: put the old database back, start the app, raise."""
-        self.reporter.alert("migration-failed", f"{err.kind}: {err.message}")
+        if isinstance(err, StopInterrupted) and self.stop_requested():
+            # The operator's own stop (systemctl stop, Ctrl-C), not a fault: a warning.
+            self.reporter.emit("interrupted", f"run interrupted by operator (SIGTERM): "
+                               f"{err.message}; the old database stays (or is put back) "
+                               "and the app is started again", level="warning")
+        else:
+            self.reporter.alert("migration-failed", f"{err.kind}: {err.message}")
         try:
             restored_backup = restore_after_failure(self.config, self.journal, self.services,
                                                     self.reporter, error=err.to_dict())

@@ -30,7 +30,7 @@ from .config import Config
 from .errors import MigrateError, RestoreFailed
 from .journal import Action, Journal, Outcome, Phase
 from .progress import Reporter
-from .runrecord import RunRecord
+from .runrecord import RunRecord, write_metrics
 from .services import NoUnit, ServiceManager
 
 
@@ -223,8 +223,10 @@ def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
     started = time.time()
     action = journal.recovery_action()
     assert action is not None
+    # A run that did not finish (a crash, a kill, a power cut) is news for biomed:
+    # warning priority, so `journalctl -p warning` shows it and what it became.
     reporter.emit("recover", f"run {journal.run_id} was interrupted in phase "
-                             f"{journal.phase}; recovery: {action}")
+                             f"{journal.phase}; recovery: {action}", level="warning")
     reporter.extend(600)
     try:
         outcome = ACTIONS[action](Recovery(config, journal, NoUnit() if gate else services,
@@ -233,6 +235,12 @@ def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
         shutil.rmtree(config.state_dir / "runs" / journal.run_id, ignore_errors=True)
     record = RunRecord.from_journal(journal, kind="recovery", started_at=started)
     record.recovered, record.recovery_action = True, action
+    # From the stop the journal recorded to the start just made: the history and the
+    # metrics count an interrupted run's downtime too.
+    record.downtime_s = downtime = journal.downtime_s()
     record.finish(outcome, journal).append(config.history_path)
-    reporter.emit("recover", f"run {journal.run_id}: {outcome}")
+    write_metrics(config)
+    reporter.emit("recover", f"run {journal.run_id}: {outcome}"
+                  + (f", downtime {downtime:.2f} s" if downtime is not None else ""),
+                  level="warning")
     return outcome

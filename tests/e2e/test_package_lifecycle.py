@@ -1,5 +1,5 @@
 """The package removed and upgraded under a real systemd and dpkg, while the daemon is
-idle and during a long run.
+idle and during a long run; and what journald keeps of a run killed in its downtime.
 
 Removal and upgrade must stop the daemon before dpkg touches its files, and never in the
 middle of a run: the prerm waits for the run (bounded, saying so) or refuses. The
@@ -106,6 +106,30 @@ def _last_run(zm: ZMonitor) -> dict[str, object]:
 
 def _no_traceback(log: str) -> None:
     assert "Traceback" not in log and "FileNotFoundError" not in log, log
+
+
+def test_a_run_killed_in_its_downtime_is_recovered_at_warning_priority(zm: ZMonitor) -> None:
+    """A run (the CLI's) SIGKILLed while the app is down; the daemon's start-up recovery,
+    as at boot, is logged at warning priority and records the downtime."""
+    bundle = zm.build(zm.make_source("full"), 1, "zmonitor-killed")
+    since = _now(zm)
+    res = zm.run(
+        f"zmonitor-migrate apply {bundle} >/dev/null 2>&1 & pid=$!; i=0; "
+        "while [ $i -lt 18000 ]; do "
+        f"if grep -q '\"phase\": \"applying\"' {STATE}/journal.json 2>/dev/null; then "
+        "kill -9 $pid; exit 0; fi; i=$((i+1)); sleep 0.01; done; exit 1", timeout=300)
+    assert res.returncode == 0, "the run never reached applying"
+    assert zm.journal()["phase"] == "applying" and zm.is_active(APP) != "active"
+    assert zm.systemctl("restart", DAEMON).returncode == 0  # recovery before READY=1
+    assert zm.is_active(APP) == "active" and zm.version() == 4
+    warnings = zm.run(["journalctl", "--no-pager", "-o", "cat", "-u", DAEMON, "--since",
+                       since, "-p", "warning"]).stdout
+    assert re.search(r"recover: run \S+ was interrupted in phase applying; recovery: discard",
+                     warnings), warnings
+    assert re.search(r"recover: run \S+: recovered-old, downtime \d+\.\d\d s", warnings), \
+        warnings
+    last = _last_run(zm)
+    assert last["recovered"] is True and isinstance(last["downtime_s"], float), last
 
 
 def test_upgrade_while_idle_restarts_the_daemon_on_the_new_version(

@@ -203,3 +203,6 @@ def test_remove_while_idle_stops_the_daemon_before_its_files_go(
     res = _apt(zm, f"--allow-downgrades install {_put_deb(zm, debs['orig'], 'orig')}")
     assert res.returncode == 0, res.stdout
     assert _installed(zm) == ("install ok installed", debs["base"])
+    # As a first install leaves it, which the other tests expect.
+    assert zm.systemctl("is-enabled", DAEMON).stdout.strip() == "enabled"
+    assert zm.systemctl("is-enabled", "zmonitor-migrate.path").stdout.strip() == "disabled"

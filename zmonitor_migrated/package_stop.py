@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # nothing to stop for any other prerm call
     if not Path("/run/systemd/system").is_dir():
         return 0  # no systemd running (a chroot, an image build): no daemon to stop
+    with contextlib.suppress(OSError):  # one left by an upgrade dpkg did not finish
+        RESTART_MARK.unlink()
     running = [u for u in (PATH_UNIT, SERVICE) if _active(u)]
     if SERVICE in running:
         lock, journal = _paths()

@@ -605,4 +605,5 @@ def test_restore_goes_ahead_when_the_replaced_database_cannot_be_kept(
     stop_app(device)
     assert table_rows(device.db, vitals_up_to=max_vitals_rowid(bk)) == table_rows(bk)
     assert device.history()[-1]["replaced"] is None
+    assert isinstance(device.history()[-1]["downtime_s"], float)  # stop to start, recorded
     assert not [p for p in (device.root / "backups").iterdir() if "replaced" in p.name]

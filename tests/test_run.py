@@ -536,10 +536,14 @@ def test_sigterm_mid_batches(tmp_path: Path, big_db_v10: Path, slow_bundle: Path
         upto = max_vitals_rowid(dev.db)
         ref = table_rows(dev.db, vitals_up_to=upto)
         jpath = dev.root / "state" / "journal.json"
+        # stderr is a file named by JOURNAL_STREAM, as systemd names its stream socket:
+        # the lines carry the syslog priority journald would keep.
+        errf = (tmp_path / "apply.stderr").open("w+")
+        st = os.fstat(errf.fileno())
         proc = subprocess.Popen(
             [sys.executable, "-m", "zmonitor_migrated.cli", "--config", str(dev.config_path),
-             "apply", str(slow_bundle)], env=dev.env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             "apply", str(slow_bundle)], text=True, stdout=subprocess.PIPE, stderr=errf,
+            env={**dev.env, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
         deadline = time.monotonic() + 60
         phase = None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -552,12 +556,22 @@ def test_sigterm_mid_batches(tmp_path: Path, big_db_v10: Path, slow_bundle: Path
             time.sleep(0.005)
         assert phase == "applying", "the run reached the batched migration"
         time.sleep(0.4)
-        proc.terminate()
-        _out, err = proc.communicate(timeout=60)
+        proc.terminate()  # SIGTERM, what systemctl stop sends
+        proc.communicate(timeout=60)
+        errf.seek(0)
+        err = errf.read()
+        errf.close()
         assert proc.returncode == 5, err
         assert "[interrupted]" in err and "safe point" in err
+        # The operator's own stop is a warning, not a failure alert.
+        assert re.search(r"^<4>interrupted: run interrupted by operator \(SIGTERM\): ", err,
+                         re.M), err
+        assert "alert=migration-failed" not in err
+        assert not re.search(r"^<[0-3]>", err, re.M), err  # nothing above warning
         assert dev.app_active()
-        assert dev.history()[-1]["outcome"] == "interrupted"
+        record = dev.history()[-1]
+        assert record["outcome"] == "interrupted"
+        assert isinstance(record["downtime_s"], float) and record["downtime_s"] > 0
         assert journal(dev)["outcome"] in ("recovered-old", "restored")
         assert [p for p in dev.db.parent.iterdir() if ".migrating-" in p.name] == []
         assert_old_content(dev, ref, upto)
@@ -591,4 +605,5 @@ def test_restore_goes_ahead_when_the_replaced_database_cannot_be_kept(
     stop_app(device)
     assert table_rows(device.db, vitals_up_to=max_vitals_rowid(bk)) == table_rows(bk)
     assert device.history()[-1]["replaced"] is None
+    assert isinstance(device.history()[-1]["downtime_s"], float)  # stop to start, recorded
     assert not [p for p in (device.root / "backups").iterdir() if "replaced" in p.name]

@@ -676,3 +676,23 @@ def test_batched_migration_on_a_table_without_rowid_fails_clearly(tmp_path: Path
     assert "batch table 'vitals'" in info.value.sqlite_message
     assert "rowid" in info.value.sqlite_message
     assert versions(db) == []
+
+
+def test_migration_sql_never_reuses_a_statement_the_runner_compiled(tmp_path: Path) -> None:
+    """The authorizer is asked only when SQLite compiles, and it is installed once per
+    migration, letting the runner's own statements pass. A migration statement with the
+    very text of a runner statement compiled in that window must still be checked, not
+    served from the connection's statement cache (the engine's internals are used here
+    because no shipped runner statement is both harmful and parameterless)."""
+    from zmonitor_migrated import sqlscript
+    from zmonitor_migrated.engine import Refusal
+
+    db = make_db(tmp_path / "t.db")
+    sql = "INSERT INTO main.schema_version (version, applied_at) VALUES (99, 'x');"
+    with Engine(db) as eng:
+        eng._ensure_bookkeeping()
+        with eng._guarded(), eng._transaction():
+            eng.conn.execute(sql)  # the runner's own write: passes unchecked
+            with pytest.raises(Refusal) as err:
+                eng._execute("m.sql", 1, sqlscript.Statement(sql, 1))
+    assert err.value.code == "bookkeeping"

@@ -46,7 +46,6 @@ import contextlib
 import hashlib
 import io
 import os
-import re
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -75,6 +74,7 @@ from .fsutil import sha256_and_size
 from .keys import load_private_key
 from .lint import lint_source
 from .manifest import ROOT_FILES, FileEntry, Manifest, check_path
+from .sqlscript import IDENT
 from .trust import TrustStore
 from .verify import (
     parse_signatures,
@@ -84,7 +84,6 @@ from .verify import (
 )
 
 PAYLOAD_DIRS = ("migrations", "schema", "checks")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclass(frozen=True)
@@ -158,7 +157,7 @@ def _declared_row_loss(src: Path) -> tuple[str, ...]:
     if tables is None:
         return ()
     if (not isinstance(tables, list)
-            or not all(isinstance(t, str) and _IDENT.match(t) for t in tables)):
+            or not all(isinstance(t, str) and IDENT.match(t) for t in tables)):
         raise LintFailed(f"{src / 'bundle.yaml'}: 'declared_row_loss' must be a list of table "
                          "names whose row count this bundle may lower")
     return tuple(sorted(set(tables)))

@@ -82,31 +82,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import sqlscript
+from . import dbinfo, sqlscript
+from .bookkeeping import BATCH_DDL, BATCH_TABLE, SCHEMA_VERSION_DDL, is_bookkeeping
 from .errors import MigrateError, MigrationSqlError, PlanError
 from .plan import AppliedRow, Plan, plan, rollback_plan
 from .sources import Migration, Source
 
-BATCH_TABLE = "zmonitor_migrated_batch"
-SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS main.schema_version (
-    version INTEGER PRIMARY KEY,
-    applied_at TEXT NOT NULL,
-    description TEXT,
-    migration_type TEXT,
-    file_hash TEXT,
-    execution_time_ms INTEGER,
-    applied_by TEXT DEFAULT 'migrate.py'
-)"""
-BATCH_DDL = f"""CREATE TABLE IF NOT EXISTS main.{BATCH_TABLE} (
-    version INTEGER PRIMARY KEY,
-    next_rowid INTEGER NOT NULL,
-    max_rowid INTEGER NOT NULL,
-    batches_done INTEGER NOT NULL,
-    batches_total INTEGER NOT NULL,
-    rows_changed INTEGER NOT NULL,
-    elapsed_ms INTEGER NOT NULL,
-    file_hash TEXT
-)"""
 # Read-only introspection a migration may use; every other PRAGMA is the runner's.
 _READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo",
                  "foreign_key_list"}
@@ -162,14 +143,6 @@ _HARMLESS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIV
              sqlite3.SQLITE_REINDEX, sqlite3.SQLITE_ANALYZE}
 
 
-def is_bookkeeping(name: str | None) -> bool:
-    """The runner's own tables: the version rows, batch progress, applied bundles, and
-    any later ``zmonitor_migrated_*`` table. Whatever the case or quoting: SQLite hands
-    the authorizer the name as the schema spells it, and compares names case-blind."""
-    n = (name or "").lower()
-    return n == "schema_version" or n.startswith("zmonitor_migrated_")
-
-
 def function_allowed(name: str | None) -> bool:
     return (name or "").lower() in SAFE_FUNCTIONS
 
@@ -211,75 +184,97 @@ class MigrationAuthorizer:
     @staticmethod
     def check(action: int, arg1: str | None, arg2: str | None, db: str | None,
               trigger: str | None) -> _Denial | None:
+        """Why migration SQL may not do ``action`` (None: it may), by kind of action."""
         via = f" (in trigger {trigger})" if trigger else ""
         if action in _HARMLESS:
             return None
         if action == sqlite3.SQLITE_FUNCTION:
-            name = (arg2 or "").lower()
-            if name in SAFE_FUNCTIONS or name in _ALTER_FUNCTIONS:
-                return None
-            if name == "load_extension":
-                return _Denial("forbidden", "load_extension() is not allowed in a migration, "
-                                            "ever: it would load native code into the "
-                                            "runner")
-            return _Denial("function", f"function {arg2}(){via} is not on the list of "
-                                       "reviewed SQLite core functions a migration may call")
+            return _function_denial(arg2, via)
         if action in _WRITES:
-            if is_bookkeeping(arg1):
-                return _Denial("bookkeeping", f"{_WRITES[action]} {db}.{arg1}{via} writes "
-                                              "the runner's bookkeeping; the runner records "
-                                              "versions, batches and bundles itself")
-            if (db or "").lower() == "temp" and (arg1 or "").lower() not in _SCHEMA_TABLES:
-                return _Denial("temp-object", f"{_WRITES[action]} temp.{arg1}{via}: "
-                                              "migrations may not use the temp schema")
+            return _write_denial(action, arg1, db, via)
+        if action in _TEMP_ACTIONS or action in _SCHEMA_ACTIONS \
+                or action == sqlite3.SQLITE_ALTER_TABLE:
+            return _schema_denial(action, arg1, arg2, db, via)
+        return _control_denial(action, arg1, arg2, via)
+
+
+def _function_denial(name: str | None, via: str) -> _Denial | None:
+    lowered = (name or "").lower()
+    if lowered in SAFE_FUNCTIONS or lowered in _ALTER_FUNCTIONS:
+        return None
+    if lowered == "load_extension":
+        return _Denial("forbidden", "load_extension() is not allowed in a migration, "
+                                    "ever: it would load native code into the runner")
+    return _Denial("function", f"function {name}(){via} is not on the list of "
+                               "reviewed SQLite core functions a migration may call")
+
+
+def _write_denial(action: int, table: str | None, db: str | None, via: str) -> _Denial | None:
+    if is_bookkeeping(table):
+        return _Denial("bookkeeping", f"{_WRITES[action]} {db}.{table}{via} writes "
+                                      "the runner's bookkeeping; the runner records "
+                                      "versions, batches and bundles itself")
+    if (db or "").lower() == "temp" and (table or "").lower() not in _SCHEMA_TABLES:
+        return _Denial("temp-object", f"{_WRITES[action]} temp.{table}{via}: "
+                                      "migrations may not use the temp schema")
+    return None
+
+
+def _schema_denial(action: int, arg1: str | None, arg2: str | None, db: str | None,
+                   via: str) -> _Denial | None:
+    """CREATE/DROP of TEMP and regular objects, and ALTER TABLE."""
+    if action in _TEMP_ACTIONS:
+        return _Denial("temp-object", f"{_TEMP_ACTIONS[action]} {arg1}{via}: TEMP objects "
+                                      "are not allowed in a migration (they would shadow "
+                                      "real tables for the rest of the connection); use a "
+                                      "regular table and DROP it at the end")
+    if action in _SCHEMA_ACTIONS:
+        if (db or "").lower() == "temp":  # CREATE TABLE temp.x is no CREATE_TEMP_TABLE
+            return _Denial("temp-object", f"{_SCHEMA_ACTIONS[action]} temp.{arg1}{via}: "
+                                          "TEMP objects are not allowed in a migration "
+                                          "(they would shadow real tables for the rest "
+                                          "of the connection); use a regular table and "
+                                          "DROP it at the end")
+        if is_bookkeeping(arg1) or is_bookkeeping(arg2):
+            return _Denial("bookkeeping", f"{_SCHEMA_ACTIONS[action]} {arg1}"
+                                          f"{' ON ' + arg2 if arg2 else ''}{via} touches "
+                                          "the runner's bookkeeping tables")
+        return None
+    # ALTER TABLE: arg1 is the database, arg2 the table
+    if is_bookkeeping(arg2):
+        return _Denial("bookkeeping", f"ALTER TABLE {arg2}{via} touches the runner's "
+                                      "bookkeeping tables")
+    return None
+
+
+def _control_denial(action: int, arg1: str | None, arg2: str | None, via: str
+                    ) -> _Denial | None:
+    """PRAGMAs, virtual tables, ATTACH/DETACH, transactions and anything unknown."""
+    if action == sqlite3.SQLITE_PRAGMA:
+        if (arg1 or "").lower() in _READ_PRAGMAS:
             return None
-        if action in _TEMP_ACTIONS:
-            return _Denial("temp-object", f"{_TEMP_ACTIONS[action]} {arg1}{via}: TEMP objects "
-                                          "are not allowed in a migration (they would shadow "
-                                          "real tables for the rest of the connection); use a "
-                                          "regular table and DROP it at the end")
-        if action in _SCHEMA_ACTIONS:
-            if (db or "").lower() == "temp":  # CREATE TABLE temp.x is no CREATE_TEMP_TABLE
-                return _Denial("temp-object", f"{_SCHEMA_ACTIONS[action]} temp.{arg1}{via}: "
-                                              "TEMP objects are not allowed in a migration "
-                                              "(they would shadow real tables for the rest "
-                                              "of the connection); use a regular table and "
-                                              "DROP it at the end")
-            if is_bookkeeping(arg1) or is_bookkeeping(arg2):
-                return _Denial("bookkeeping", f"{_SCHEMA_ACTIONS[action]} {arg1}"
-                                              f"{' ON ' + arg2 if arg2 else ''}{via} touches "
-                                              "the runner's bookkeeping tables")
-            return None
-        if action == sqlite3.SQLITE_ALTER_TABLE:  # arg1 is the database, arg2 the table
-            if is_bookkeeping(arg2):
-                return _Denial("bookkeeping", f"ALTER TABLE {arg2}{via} touches the runner's "
-                                              "bookkeeping tables")
-            return None
-        if action == sqlite3.SQLITE_PRAGMA:
-            if (arg1 or "").lower() in _READ_PRAGMAS:
-                return None
-            return _Denial("forbidden", f"PRAGMA {arg1}{via} is not allowed in a migration: "
-                                        "state-changing PRAGMAs belong to the runner")
-        if action == sqlite3.SQLITE_CREATE_VTABLE:
-            return _Denial("virtual-table", f"CREATE VIRTUAL TABLE {arg1} USING {arg2}: "
-                                            "virtual tables are not allowed in a migration "
-                                            f"(module {arg2} runs native code on its "
-                                            "arguments)")
-        if action == sqlite3.SQLITE_DROP_VTABLE:
-            return _Denial("virtual-table", f"DROP VIRTUAL TABLE {arg1}: virtual tables are "
-                                            "not allowed in a migration")
-        if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
-            word = "ATTACH" if action == sqlite3.SQLITE_ATTACH else "DETACH"
-            return _Denial("forbidden", f"{word} is not allowed in a migration: the runner "
-                                        "owns the attached databases")
-        if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
-            word = (arg1 or "").upper()
-            if action == sqlite3.SQLITE_SAVEPOINT:
-                word = {"BEGIN": "SAVEPOINT", "ROLLBACK": "ROLLBACK TO"}.get(word, word)
-            return _Denial("forbidden", f"{word} is not allowed in a migration: the runner "
-                                        "owns transactions")
-        return _Denial("forbidden", f"SQLite action {action}{via} is not allowed in a "
-                                    "migration")
+        return _Denial("forbidden", f"PRAGMA {arg1}{via} is not allowed in a migration: "
+                                    "state-changing PRAGMAs belong to the runner")
+    if action == sqlite3.SQLITE_CREATE_VTABLE:
+        return _Denial("virtual-table", f"CREATE VIRTUAL TABLE {arg1} USING {arg2}: "
+                                        "virtual tables are not allowed in a migration "
+                                        f"(module {arg2} runs native code on its "
+                                        "arguments)")
+    if action == sqlite3.SQLITE_DROP_VTABLE:
+        return _Denial("virtual-table", f"DROP VIRTUAL TABLE {arg1}: virtual tables are "
+                                        "not allowed in a migration")
+    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+        word = "ATTACH" if action == sqlite3.SQLITE_ATTACH else "DETACH"
+        return _Denial("forbidden", f"{word} is not allowed in a migration: the runner "
+                                    "owns the attached databases")
+    if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
+        word = (arg1 or "").upper()
+        if action == sqlite3.SQLITE_SAVEPOINT:
+            word = {"BEGIN": "SAVEPOINT", "ROLLBACK": "ROLLBACK TO"}.get(word, word)
+        return _Denial("forbidden", f"{word} is not allowed in a migration: the runner "
+                                    "owns transactions")
+    return _Denial("forbidden", f"SQLite action {action}{via} is not allowed in a "
+                                "migration")
 
 
 def harden(conn: sqlite3.Connection) -> None:
@@ -329,10 +324,7 @@ def connect(path: Path | str, *, timeout: float = 5.0) -> sqlite3.Connection:
 
 
 def read_applied(conn: sqlite3.Connection) -> list[AppliedRow]:
-    # main. explicitly: a temp object of the same name must never answer for the file.
-    exists = conn.execute("SELECT 1 FROM main.sqlite_master WHERE type='table' "
-                          "AND name='schema_version'").fetchone()
-    if not exists:
+    if not dbinfo.has_table(conn, "schema_version"):
         return []
     rows = conn.execute(
         "SELECT version, applied_at, description, migration_type, file_hash, "
@@ -490,15 +482,14 @@ class Engine:
     inconsistent, and nothing ever reads it again). The caller makes the file durable
     before it goes live. Without a journal a batch's memory is the page cache alone, so
     the peak RSS does not grow with the batch size or the table (an in-memory journal
-    held every original page a batch touched: 61 MB at 1M rows, 72 MB at 10M).
+    would hold every original page a batch touched).
 
     ``min_batch`` raises a batched migration's size to at least that many rows. The
     pipeline passes ``batch_size`` from the config (50,000) for its private copy: a
     header's size bounds how long a live table is locked and how much a resumed run
     repeats, and a private copy is neither shared nor resumed; fewer, larger
-    transactions rewrite shared index pages less often (measured: 1M-row backfill
-    1.35 s → 1.00 s). The fast page cache is 16 MiB, which with 50,000-row transactions
-    keeps the peak RSS of a run well under 80 MB.
+    transactions rewrite shared index pages less often. The fast page cache is 16 MiB,
+    which bounds the memory a run's transactions use (bench/ measures time and peak RSS).
     """
 
     def __init__(self, db_path: Path | str, *, applied_by: str | None = None,
@@ -535,24 +526,19 @@ class Engine:
         return read_applied(self.conn)
 
     def current_version(self) -> int:
-        return max((r.version for r in self.applied()), default=0)
+        return dbinfo.current_version(self.conn)
 
     def plan(self, source: Source, target: int | None = None) -> Plan:
         return plan(source.migrations, self.applied(), target)
 
     def batch_state(self, version: int) -> tuple[int, int] | None:
         """(batches_done, batches_total) of an unfinished batched migration, if any."""
-        if not self._has_table(BATCH_TABLE):
+        if not dbinfo.has_table(self.conn, BATCH_TABLE):
             return None
         row = self.conn.execute(
             f"SELECT batches_done, batches_total FROM main.{BATCH_TABLE} WHERE version=?",
             (version,)).fetchone()
         return (row[0], row[1]) if row else None
-
-    def _has_table(self, name: str) -> bool:
-        return self.conn.execute(
-            "SELECT 1 FROM main.sqlite_master WHERE type='table' AND name=?",
-            (name,)).fetchone() is not None
 
     # -- applying -------------------------------------------------------------------
     def apply(self, source: Source, *, target: int | None = None,
@@ -580,7 +566,7 @@ class Engine:
     def rollback(self, source: Source, to: int) -> list[int]:
         """Run rollback scripts newest first down to version ``to`` (exclusive)."""
         undo = rollback_plan(source.migrations, self.applied(), to)
-        if self._has_table(BATCH_TABLE):
+        if dbinfo.has_table(self.conn, BATCH_TABLE):
             half = self.conn.execute(
                 f"SELECT version, batches_done, batches_total FROM main.{BATCH_TABLE} "
                 "ORDER BY version").fetchone()
@@ -746,7 +732,7 @@ class Engine:
                                     f"{shown}{' …' if len(rows) > 5 else ''}", version=version)
 
     def _sequences(self) -> dict[str, int]:
-        if not self._has_table("sqlite_sequence"):
+        if not dbinfo.has_table(self.conn, "sqlite_sequence"):
             return {}
         return {name: seq for name, seq in
                 self.conn.execute("SELECT name, seq FROM main.sqlite_sequence")

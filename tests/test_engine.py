@@ -190,7 +190,7 @@ def test_rebuild_of_parent_with_cascading_child_keeps_every_child_row(tmp_path: 
     src, db = monitor(tmp_path, {"schema/0003_rebuild_patients.sql": REBUILD_PATIENTS})
     alarms_before = table_hash(db, "alarms")
     with Engine(db) as engine:
-        engine.conn.execute("PRAGMA foreign_keys=ON")  # as the app (and the seed) runs
+        engine.conn.execute("PRAGMA foreign_keys=ON")  # as the app (and the reference runner) runs
         assert engine.apply(load(src)) == [3]
         assert engine.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # restored
     assert query(db, "SELECT count(*) FROM alarms") == [(4,)]
@@ -203,7 +203,7 @@ def test_rebuild_of_parent_with_cascading_child_keeps_every_child_row(tmp_path: 
 
 def test_control_same_rebuild_with_foreign_keys_on_loses_children(tmp_path: Path) -> None:
     """Shows the rebuild test above could fail: plain sqlite3 with enforcement on, as the
-    seed's runner would run it, cascades the DROP into alarms."""
+    the reference runner would run it, cascades the DROP into alarms."""
     db = make_db(tmp_path / "plain.db", INIT + DATA)
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA foreign_keys=ON")
@@ -480,7 +480,7 @@ def test_batched_terminates_when_rows_never_match(tmp_path: Path) -> None:
 
 
 def test_the_seeds_limit_loop_makes_no_progress(tmp_path: Path) -> None:
-    """Control for the test above: the seed's section 11 loop (``WHERE id IN (SELECT id
+    """Control for the test above: the reference runner's loop (``WHERE id IN (SELECT id
     … WHERE patient_mrn IS NULL LIMIT n)``, repeated while NULL rows remain) keeps picking
     the same unmatched rows. Run it a bounded number of times and show it is stuck."""
     db = vitals_db(tmp_path / "db", list(range(1, 201)))
@@ -490,7 +490,7 @@ def test_the_seeds_limit_loop_makes_no_progress(tmp_path: Path) -> None:
                   "WHERE patients.old_id = vitals.patient_id) WHERE id IN "
                   "(SELECT id FROM vitals WHERE patient_mrn IS NULL LIMIT 10)")
     remaining = []
-    for _ in range(25):  # the seed loops "while rows remain": bounded here
+    for _ in range(25):  # the reference runner loops "while rows remain": bounded here
         conn.execute(seed_batch)
         remaining.append(conn.execute(
             "SELECT count(*) FROM vitals WHERE patient_mrn IS NULL").fetchone()[0])

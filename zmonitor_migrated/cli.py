@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, cli_bundle, cli_schema, inventory
+from . import __version__, cli_bundle, cli_sample, cli_schema, inventory
 from . import config as config_mod
 from .cli_args import (
     Parser,
@@ -320,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_bundle.register(sub, common)
     cli_schema.register(sub, common)
+    cli_sample.register(sub, common)
     inventory.register(sub, common)
     return parser
 

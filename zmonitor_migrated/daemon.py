@@ -740,14 +740,14 @@ def run_daemon(config: Config) -> int:
     reporter.emit("idle", f"ready; watching {config.inbox}"
                   + (f" (recovered: {outcome})" if outcome else ""))
     notify.send("READY=1")
-    observer = _watch(config.inbox, waker.poke)
+    watch = _InboxWatch(config.inbox, waker.poke, reporter)
     worker = InboxWorker(config, reporter, stop, notify.heartbeat)
     wait_s = idle_wait_s()
     exit_code = 0
     blocked = False
     try:
         while not stop():
-            stopped = worker.run_pass()
+            stopped = worker.run_pass() if watch.present() else None
             if stopped is not None and stopped["outcome"] == "blocked":
                 if not blocked:
                     reporter.alert("restore-failed", stopped["message"] + "; bundles wait "
@@ -762,13 +762,57 @@ def run_daemon(config: Config) -> int:
         exit_code = 6  # the app stays stopped; systemd restarts us, the gate keeps it down
     finally:
         notify.send("STOPPING=1")
-        if observer is not None:
-            observer.stop()
-            observer.join(timeout=5)
+        watch.stop()
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(-1)
         waker.close()
     return exit_code
+
+
+class _InboxWatch:
+    """The inbox watcher, and what the daemon does when the inbox vanishes (a package
+    removal, a person): it says so once, stays up, skips its passes, and when the
+    inbox is back says so and watches the new directory (a watch dies with the old)."""
+
+    def __init__(self, inbox: Path, poke: Callable[[], None], reporter: Reporter) -> None:
+        self.inbox = inbox
+        self.poke = poke
+        self.reporter = reporter
+        self._present = True
+        self.observer = self._start()
+
+    def _start(self) -> Any:
+        try:
+            return _watch(self.inbox, self.poke)
+        except OSError as exc:  # gone between the check and the watch: polled instead
+            self.reporter.emit("idle", f"cannot watch the inbox {self.inbox} "
+                               f"({exc.strerror or exc}); it is polled every "
+                               f"{IDLE_WAKE_S:g} s", level="warning")
+            return None
+
+    def present(self) -> bool:
+        present = self.inbox.is_dir()
+        if present == self._present:
+            return present
+        self._present = present
+        if not present:
+            self.stop()
+            self.reporter.emit("idle", f"the inbox {self.inbox} is gone (the package is being "
+                               "removed, or it was deleted); the daemon waits for it. "
+                               f"Recreate it with 'install -d -m 0700 {self.inbox}' or "
+                               "reinstall the package", level="warning")
+        else:
+            self.reporter.emit("idle", f"the inbox {self.inbox} is back; watching it",
+                               level="notice")
+            self.observer = self._start()
+        return present
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            with contextlib.suppress(Exception):  # a watcher whose directory is gone
+                self.observer.stop()
+                self.observer.join(timeout=5)
+            self.observer = None
 
 
 def _watch(inbox: Path, poke: Callable[[], None]) -> Any:

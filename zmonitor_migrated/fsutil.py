@@ -105,12 +105,17 @@ def _committed(fd: int, tmp: Path, target: Path | None, mode: int | None
     fsync_dir(pending.target.parent)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, exact_mode: bool = False
+                 ) -> None:
     """Replace ``path`` with ``data``. The temp file is ``.NAME.tmp-PID`` (opened with
-    ``mode``, under the umask) so that ``remove_stale_temps`` can tell a dead writer's."""
+    ``mode``, under the umask) so that ``remove_stale_temps`` can tell a dead writer's.
+    ``exact_mode``: the file gets ``mode`` whatever the umask (the daemon's unit sets
+    ``UMask=0077``; a file meant for other readers must say so)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with _committed(fd, tmp, path, None) as pending:
+        if exact_mode:
+            os.fchmod(pending.file.fileno(), mode)
         pending.file.write(data)
 
 

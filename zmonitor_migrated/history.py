@@ -171,6 +171,12 @@ def render_metrics(records: list[dict[str, Any]], *, current_version: int | None
     lines += ["# HELP zmonitor_migrate_restores_total Runs that put a backup back or rolled "
               "back.", "# TYPE zmonitor_migrate_restores_total counter",
               f"zmonitor_migrate_restores_total {restores}"]
+    # Every run's downtime counts, an interrupted one's too (recorded by the recovery
+    # or restore that started the app again): the monitor was down all the same.
+    downtime = sum(_num(r.get("downtime_s")) for r in records)
+    lines += ["# HELP zmonitor_migrate_downtime_seconds_total App downtime caused by runs, "
+              "restores and recoveries.", "# TYPE zmonitor_migrate_downtime_seconds_total "
+              "counter", f"zmonitor_migrate_downtime_seconds_total {downtime:.3f}"]
     if records:
         last = records[-1]
         lines += [

@@ -191,6 +191,18 @@ class Journal:
             return "start-app"
         return RECOVERY[self.phase]
 
+    def downtime_s(self) -> float | None:
+        """Seconds from the app's stop to its last start, as the journal recorded them:
+        the run's own start, or the start by a restore or a recovery after a failure, a
+        kill or a power cut. None when the app was never stopped, or is not started
+        again (a failed restore). Wall-clock times: a clock set back between the two
+        makes it None rather than negative."""
+        stopped = next((t for p, t in self.phases if p == Phase.APP_STOPPED.value), None)
+        started = [t for p, t in self.phases if p == Phase.APP_STARTED.value]
+        if stopped is None or not started or started[-1] < stopped:
+            return None
+        return round(started[-1] - stopped, 3)
+
     def phase_times(self) -> dict[str, float]:
         """Seconds spent in each phase (from its start to the next phase's start)."""
         out: dict[str, float] = {}

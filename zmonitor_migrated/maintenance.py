@@ -114,9 +114,12 @@ def restore(config: Config, *, backup: Path | None = None, run_id: str | None = 
                 else "restore-failed", "restored": journal.outcome != "restore-failed",
                 "started_at": started, "finished_at": time.time(),
                 "duration_s": round(time.time() - started, 3),
-                "phase_times": journal.phase_times(), "downtime_s": None,
+                "phase_times": journal.phase_times(), "downtime_s": journal.downtime_s(),
                 "replaced": journal.data.get("replaced"),
             })
+        from .pipeline import write_metrics  # pipeline imports this module
+
+        write_metrics(config)
         if journal.outcome == "restore-failed":
             raise RestoreFailed(f"restoring {path} failed; see the log")
         return path

@@ -601,7 +601,13 @@ class Run:
         from .recovery import restore_after_failure
 
         assert self.journal is not None
-        self.reporter.alert("migration-failed", f"{err.kind}: {err.message}")
+        if err.kind == "interrupted" and self.stop_requested():
+            # The operator's own stop (systemctl stop, Ctrl-C), not a fault: a warning.
+            self.reporter.emit("interrupted", f"run interrupted by operator (SIGTERM): "
+                               f"{err.message}; the old database stays (or is put back) "
+                               "and the app is started again", level="warning")
+        else:
+            self.reporter.alert("migration-failed", f"{err.kind}: {err.message}")
         try:
             restored_backup = restore_after_failure(self.config, self.journal, self.services,
                                                     self.reporter, error=err.to_dict())

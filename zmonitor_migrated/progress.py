@@ -141,7 +141,14 @@ class LogSink:
 
 
 class StatusFileSink:
-    """The latest event as JSON, rewritten atomically, rate-limited for batch events."""
+    """The latest event as JSON, rewritten atomically, rate-limited for batch events.
+
+    The file is for the fleet agent, which need not run as root: mode 0644 whatever the
+    umask (the unit's is 0077), in a directory it can enter. It holds no secret: phase,
+    version, progress and a message, every string cleaned."""
+
+    MODE = 0o644
+    DIR_MODE = 0o755
 
     def __init__(self, path: Path, *, min_interval: float = 0.5) -> None:
         self.path = path
@@ -154,10 +161,13 @@ class StatusFileSink:
             return
         self.last = now
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.parent.is_dir():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(self.path.parent, self.DIR_MODE)  # ours: readable like the unit's
             body = {**clean_tree(asdict(event), limit=MAX_LOG_CHARS),
                     "status": event.status_line(), "pid": os.getpid()}
-            atomic_write(self.path, json.dumps(body, sort_keys=True).encode())
+            atomic_write(self.path, json.dumps(body, sort_keys=True).encode(),
+                         mode=self.MODE, exact_mode=True)
         except OSError:
             return  # status is advisory; never fail a run because /run is full
 

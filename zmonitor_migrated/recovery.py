@@ -187,8 +187,10 @@ def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
         services = NoUnit()
     started = time.time()
     action = journal.recovery_action()
+    # A run that did not finish (a crash, a kill, a power cut) is news for biomed:
+    # warning priority, so `journalctl -p warning` shows it and what it became.
     reporter.emit("recover", f"run {journal.run_id} was interrupted in phase "
-                             f"{journal.phase}; recovery: {action}")
+                             f"{journal.phase}; recovery: {action}", level="warning")
     reporter.extend(600)
     outcome: str
     try:
@@ -214,6 +216,9 @@ def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
             outcome = journal.outcome or "recovered-old"
     finally:
         shutil.rmtree(config.state_dir / "runs" / journal.run_id, ignore_errors=True)
+    # From the stop the journal recorded to the start just made: the history and the
+    # metrics count an interrupted run's downtime too.
+    downtime = journal.downtime_s()
     history.append(config.history_path, {
         "run_id": journal.run_id, "bundle": journal.data.get("bundle_name"),
         "sequence": journal.data.get("sequence"), "outcome": outcome, "recovered": True,
@@ -222,7 +227,12 @@ def recover(config: Config, *, services: ServiceManager, reporter: Reporter,
         "from_version": journal.data.get("from_version"),
         "to_version": journal.data.get("to_version"), "backup": journal.data.get("backup"),
         "error": journal.data.get("error"), "restored": outcome == "restored",
-        "downtime_s": None, "replaced": journal.data.get("replaced"),
+        "downtime_s": downtime, "replaced": journal.data.get("replaced"),
     })
-    reporter.emit("recover", f"run {journal.run_id}: {outcome}")
+    from .pipeline import write_metrics  # pipeline imports this module
+
+    write_metrics(config)
+    reporter.emit("recover", f"run {journal.run_id}: {outcome}"
+                  + (f", downtime {downtime:.2f} s" if downtime is not None else ""),
+                  level="warning")
     return outcome

@@ -25,7 +25,7 @@ from zmonitor_migrated.engine import BATCH_TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "batch_crash_child.py"
-ROWS = 300_000
+ROWS = 100_000  # 400 batches: hundreds of commit points to land a kill between or in
 ITERATIONS = 5
 BATCHES = ROWS // 250
 MIGRATION = """\

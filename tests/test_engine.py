@@ -190,7 +190,7 @@ def test_rebuild_of_parent_with_cascading_child_keeps_every_child_row(tmp_path: 
     src, db = monitor(tmp_path, {"schema/0003_rebuild_patients.sql": REBUILD_PATIENTS})
     alarms_before = table_hash(db, "alarms")
     with Engine(db) as engine:
-        engine.conn.execute("PRAGMA foreign_keys=ON")  # as the app (and the seed) runs
+        engine.conn.execute("PRAGMA foreign_keys=ON")  # as the app (and the reference runner) runs
         assert engine.apply(load(src)) == [3]
         assert engine.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1  # restored
     assert query(db, "SELECT count(*) FROM alarms") == [(4,)]
@@ -203,7 +203,7 @@ def test_rebuild_of_parent_with_cascading_child_keeps_every_child_row(tmp_path: 
 
 def test_control_same_rebuild_with_foreign_keys_on_loses_children(tmp_path: Path) -> None:
     """Shows the rebuild test above could fail: plain sqlite3 with enforcement on, as the
-    seed's runner would run it, cascades the DROP into alarms."""
+    the reference runner would run it, cascades the DROP into alarms."""
     db = make_db(tmp_path / "plain.db", INIT + DATA)
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA foreign_keys=ON")
@@ -480,7 +480,7 @@ def test_batched_terminates_when_rows_never_match(tmp_path: Path) -> None:
 
 
 def test_the_seeds_limit_loop_makes_no_progress(tmp_path: Path) -> None:
-    """Control for the test above: the seed's section 11 loop (``WHERE id IN (SELECT id
+    """Control for the test above: the reference runner's loop (``WHERE id IN (SELECT id
     … WHERE patient_mrn IS NULL LIMIT n)``, repeated while NULL rows remain) keeps picking
     the same unmatched rows. Run it a bounded number of times and show it is stuck."""
     db = vitals_db(tmp_path / "db", list(range(1, 201)))
@@ -490,7 +490,7 @@ def test_the_seeds_limit_loop_makes_no_progress(tmp_path: Path) -> None:
                   "WHERE patients.old_id = vitals.patient_id) WHERE id IN "
                   "(SELECT id FROM vitals WHERE patient_mrn IS NULL LIMIT 10)")
     remaining = []
-    for _ in range(25):  # the seed loops "while rows remain": bounded here
+    for _ in range(25):  # the reference runner loops "while rows remain": bounded here
         conn.execute(seed_batch)
         remaining.append(conn.execute(
             "SELECT count(*) FROM vitals WHERE patient_mrn IS NULL").fetchone()[0])
@@ -676,3 +676,23 @@ def test_batched_migration_on_a_table_without_rowid_fails_clearly(tmp_path: Path
     assert "batch table 'vitals'" in info.value.sqlite_message
     assert "rowid" in info.value.sqlite_message
     assert versions(db) == []
+
+
+def test_migration_sql_never_reuses_a_statement_the_runner_compiled(tmp_path: Path) -> None:
+    """The authorizer is asked only when SQLite compiles, and it is installed once per
+    migration, letting the runner's own statements pass. A migration statement with the
+    very text of a runner statement compiled in that window must still be checked, not
+    served from the connection's statement cache (the engine's internals are used here
+    because no shipped runner statement is both harmful and parameterless)."""
+    from zmonitor_migrated import sqlscript
+    from zmonitor_migrated.engine import Refusal
+
+    db = make_db(tmp_path / "t.db")
+    sql = "INSERT INTO main.schema_version (version, applied_at) VALUES (99, 'x');"
+    with Engine(db) as eng:
+        eng._ensure_bookkeeping()
+        with eng._guarded(), eng._transaction():
+            eng.conn.execute(sql)  # the runner's own write: passes unchecked
+            with pytest.raises(Refusal) as err:
+                eng._execute("m.sql", 1, sqlscript.Statement(sql, 1))
+    assert err.value.code == "bookkeeping"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from zmonitor_migrated import backup, fsutil, manifest, schema_spec, sources
+from zmonitor_migrated import backup, fsutil, manifest, schema_spec, sources, sqlscript
 from zmonitor_migrated.errors import BundleRejected
 
 PACKAGE = Path(__file__).resolve().parent.parent / "zmonitor_migrated"
@@ -25,9 +25,9 @@ def test_payload_path_with_trailing_newline_refused(value: str) -> None:
 
 
 @pytest.mark.parametrize("pattern", [manifest._TIME, manifest._SHA256, manifest._SEGMENT,
-                                     manifest._WORD, manifest._IDENT, sources.NAME_RE,
-                                     sources.ROLLBACK_RE, sources._IDENT, fsutil._TEMP,
-                                     schema_spec._IDENT, schema_spec._LITERAL],
+                                     manifest._WORD, sqlscript.IDENT, sources.NAME_RE,
+                                     sources.ROLLBACK_RE, fsutil._TEMP,
+                                     schema_spec._LITERAL],
                          ids=lambda p: p.pattern[:40])
 def test_no_pattern_accepts_a_trailing_newline(pattern: re.Pattern[str]) -> None:
     samples = ["2026-01-01T00:00:00Z", "a" * 64, "0" * 64, "abc", "vitals",

@@ -147,7 +147,7 @@ def test_rebuild_of_a_parent_with_children_warns(tmp_path: Path) -> None:
 
 
 def test_rebuild_warning_in_a_rollback_script(tmp_path: Path) -> None:
-    """The seed's 0004 rollback rebuilds patients: with FKs on it cascades."""
+    """The reference 0004 rollback rebuilds patients: with FKs on it cascades."""
     files = clean_base(**{"schema/0002_add_contact.sql":
                           "ALTER TABLE patients ADD COLUMN contact TEXT;\n",
                           "rollback/0002_rollback.sql": "BEGIN TRANSACTION;\n" + REBUILD

@@ -91,7 +91,7 @@ COMMIT TRANSACTION;
     kept = executable(text)
     assert [(s.line, s.head) for s in kept] == [
         (3, "ALTER TABLE PATIENTS ADD COLUMN EMERGENCY_CONTACT TEXT NULL;"),
-        # not the seed's way of writing the version row: kept, so the engine refuses it
+        # not the reference runner's way of writing the version row: kept, so the engine refuses it
         (10, "UPDATE SCHEMA_VERSION SET DESCRIPTION = 'X';"),
         (13, "INSERT INTO SCHEMA_VERSION_NOTES VALUES (1);"),  # another table: kept
     ]

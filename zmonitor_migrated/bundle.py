@@ -46,7 +46,6 @@ import contextlib
 import hashlib
 import io
 import os
-import re
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -57,7 +56,7 @@ from typing import BinaryIO
 
 import yaml
 
-from . import sources
+from . import fsutil, sources
 from .archive import (
     MANIFEST_NAME,
     SIGNATURES_NAME,
@@ -71,10 +70,11 @@ from .archive import (
     open_regular,
 )
 from .errors import BundleRejected, LintFailed, UsageError
-from .fsutil import fsync_dir
+from .fsutil import sha256_and_size
 from .keys import load_private_key
 from .lint import lint_source
 from .manifest import ROOT_FILES, FileEntry, Manifest, check_path
+from .sqlscript import IDENT
 from .trust import TrustStore
 from .verify import (
     parse_signatures,
@@ -84,7 +84,6 @@ from .verify import (
 )
 
 PAYLOAD_DIRS = ("migrations", "schema", "checks")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclass(frozen=True)
@@ -159,20 +158,10 @@ def declared_row_loss(src: Path) -> tuple[str, ...]:
     if tables is None:
         return ()
     if (not isinstance(tables, list)
-            or not all(isinstance(t, str) and _IDENT.match(t) for t in tables)):
+            or not all(isinstance(t, str) and IDENT.match(t) for t in tables)):
         raise LintFailed(f"{src / 'bundle.yaml'}: 'declared_row_loss' must be a list of table "
                          "names whose row count this bundle may lower")
     return tuple(sorted(set(tables)))
-
-
-def _sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1024 * 1024):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def build(src: Path, out: Path, keys: list[Path], sequence: int, *, created: datetime,
@@ -194,7 +183,7 @@ def build(src: Path, out: Path, keys: list[Path], sequence: int, *, created: dat
     source = _lint(src)
     files = []
     for rel in payload_files(src):
-        sha, size = _sha256_file(src / rel)
+        sha, size = sha256_and_size(src / rel)
         files.append(FileEntry(rel, sha, size))
     manifest = Manifest(
         name=source.info.name, app=source.info.app, device_types=source.info.device_types,
@@ -239,23 +228,12 @@ class _HashingReader(io.RawIOBase):
 
 @contextlib.contextmanager
 def atomic_output(out: Path) -> Iterator[BinaryIO]:
-    """A temporary file next to ``out``: fsynced and renamed over ``out`` on success,
-    removed on failure."""
+    """A temporary file next to ``out``: fsynced and renamed over ``out`` (0644) on
+    success, removed on failure."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fsync_dir(out.parent)
+    with fsutil.atomic_output(out.parent, out, prefix=f".{out.name}.", suffix=".tmp",
+                              mode=0o644) as pending:
+        yield pending.file
 
 
 def _write_bundle(out: Path, manifest_bytes: bytes, signatures: bytes, manifest: Manifest,
@@ -362,22 +340,14 @@ def private_copy(path: Path, dest_dir: Path, *, max_bytes: int | None = None,
             raise BundleRejected(f"{path} is {size} bytes, over the {max_bytes} byte "
                                  "cap", kind="too-large")
         check_free_space(dest_dir, [size])
-        tmp_fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=".incoming-")
-        tmp = Path(tmp_name)
         try:
-            with os.fdopen(tmp_fd, "wb") as dst:
-                digest = _copy_bounded(path, src, dst, max_bytes, tick)
-                dst.flush()
-                os.fsync(dst.fileno())
-            final = dest_dir / f"{digest}.zmb"
-            os.replace(tmp, final)
+            with fsutil.atomic_output(dest_dir, prefix=".incoming-") as pending:
+                digest = _copy_bounded(path, src, pending.file, max_bytes, tick)
+                final = pending.target = dest_dir / f"{digest}.zmb"
         except BaseException as exc:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
             if is_no_space(exc):
                 raise no_space(dest_dir, size) from None
             raise
-    fsync_dir(dest_dir)
     return final
 
 

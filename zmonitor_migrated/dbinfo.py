@@ -9,9 +9,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from .engine import BATCH_TABLE
-
-INTERNAL_TABLES = ("schema_version", BATCH_TABLE, "zmonitor_migrated_bundles")
+from .bookkeeping import INTERNAL_TABLES, SCHEMA_VERSION_TABLE
 
 
 def closed_wal(path: Path) -> bool:
@@ -69,10 +67,19 @@ def row_counts_of(path: Path) -> dict[str, int]:
         conn.close()
 
 
+def has_table(conn: sqlite3.Connection, name: str) -> bool:
+    """Whether the database file has table ``name`` (``main.`` explicitly: a temp object
+    of the same name must never answer for the file)."""
+    return conn.execute("SELECT 1 FROM main.sqlite_master WHERE type='table' AND name=?",
+                        (name,)).fetchone() is not None
+
+
 def current_version(conn: sqlite3.Connection) -> int:
-    if "schema_version" not in user_tables(conn):
+    """The highest applied version, 0 for a database the runner never touched."""
+    if not has_table(conn, SCHEMA_VERSION_TABLE):
         return 0
-    return conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+    return int(conn.execute(f"SELECT COALESCE(MAX(version), 0) FROM main.{SCHEMA_VERSION_TABLE}"
+                            ).fetchone()[0])
 
 
 def version_of(path: Path) -> int | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from . import bundle, dbinfo, keys, pipeline, sources
-from .config import load
+from .config import Config, load
 from .errors import MigrateError
 from .history import describe, read, summary
 from .progress import Reporter, default_sinks
@@ -61,43 +61,19 @@ def run_demo(workdir: Path | None = None, vitals: int = 300_000) -> int:
               "zmonitor) is missing from this installation; reinstall the package",
               file=sys.stderr)
         return 2
-    # Absolute: the config written below is read back with paths relative to its own
-    # directory, so a relative work dir would be applied twice (demo-work/demo-work/...).
-    work = (Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="zmonitor-demo-"))
-            ).absolute()
-    work.mkdir(parents=True, exist_ok=True)
-    if any(work.iterdir()):
-        print(f"demo: {work} is not empty; pass an empty or new --workdir", file=sys.stderr)
+    work = _empty_workdir(workdir)
+    if work is None:
         return 2
     db = work / "data" / "zmonitor.db"
     db.parent.mkdir()
     (work / "trusted.d").mkdir()
-    cfg_path = work / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump({
-        "database": str(db), "device_type": "zmonitor-bedside", "app_unit": None,
-        "state_dir": str(work / "state"), "runtime_dir": str(work / "run"),
-        "inbox": str(work / "inbox"), "backup_dir": str(work / "backups"),
-        "trust_dir": str(work / "trusted.d"), "health_check_s": 2, "max_downtime_s": 120,
-        "metrics_path": str(work / "metrics" / "zmonitor_migrate.prom"),
-    }))
-    config = load(cfg_path)
+    config = load(_write_config(work, db))
     monitor = ProcessUnit([sys.executable, "-m", "zmonitor_migrated.demo_monitor", str(db)],
                           name="simulated monitor")
     reporter = Reporter(default_sinks(config.status_path))
 
     _say(f"work directory {work}")
-    source = sources.load(source_dir)
-    make_sample_db(db, source, version=10, vitals=vitals)
-    print(f"sample database {db}: version 10, {vitals:,} vitals rows, "
-          f"{db.stat().st_size / 1e6:.1f} MB")
-    (work / "keys").mkdir()
-    key, pub = keys.keygen(work / "keys" / "demo-release")
-    shutil.copy(pub, work / "trusted.d" / pub.name)
-    print(f"throw-away signing key {key} (trusted: {pub.name})")
-    now = datetime.now(UTC).replace(microsecond=0)
-    good = work / "zmonitor-1.zmb"
-    bundle.build(source_dir, good, [key], 1, created=now, expires=now + timedelta(days=30))
-    print(f"built and signed {good} ({good.stat().st_size:,} bytes)")
+    key, good, now = _prepare(work, db, source_dir, vitals)
     monitor.start()
     print("simulated monitor running (writes vitals every 20 ms)")
     try:
@@ -117,39 +93,13 @@ def run_demo(workdir: Path | None = None, vitals: int = 300_000) -> int:
                 print(line)
 
         _say("3. a tampered bundle (one byte of a migration changed)")
-        tampered = work / "zmonitor-1-tampered.zmb"
-        _flip_payload_byte(good, tampered)
-        try:
-            pipeline.apply(tampered, config, services=monitor, reporter=reporter)
-            print("-> UNEXPECTED: the tampered bundle was accepted")
+        if not _tampered_is_refused(work, good, config, monitor, reporter):
             return 1
-        except MigrateError as exc:
-            print(f"-> refused, exit {exc.exit_code} [{exc.kind}]: {exc.message}")
-            print(f"   monitor still running: {monitor.is_active()}")
 
         _say("4. a bundle that breaks the app: the health gate restores the backup")
-        broken_src = work / "broken-src"
-        shutil.copytree(source_dir, broken_src)
-        (broken_src / "migrations" / "schema" / "0015_schema_require_vitals_review.sql"
-         ).write_text(BREAKING_MIGRATION)
-        (broken_src / "migrations" / "rollback" / "0015_rollback.sql").write_text(
-            "DROP TRIGGER vitals_require_review;\n")
-        broken = work / "zmonitor-2-broken.zmb"
-        bundle.build(broken_src, broken, [key], 2, created=now,
-                     expires=now + timedelta(days=30))
-        try:
-            pipeline.apply(broken, config, services=monitor, reporter=reporter)
-            print("-> UNEXPECTED: the breaking bundle was committed")
+        version = _broken_is_restored(work, source_dir, key, now, config, monitor, reporter)
+        if version is None:
             return 1
-        except MigrateError as exc:
-            print(f"-> exit {exc.exit_code} [{exc.kind}]: {exc.message}")
-        conn = dbinfo.open_ro(db)
-        try:
-            version = dbinfo.current_version(conn)
-        finally:
-            conn.close()
-        print(f"   database back at version {version}; monitor running: "
-              f"{monitor.is_active()}")
         _say("history")
         for r in read(config.history_path):
             print(summary(r) + (f" [{r['error']['kind']}]" if r.get("error") else ""))
@@ -159,3 +109,91 @@ def run_demo(workdir: Path | None = None, vitals: int = 300_000) -> int:
         return 0 if ok else 1
     finally:
         monitor.stop(10)
+
+
+def _empty_workdir(workdir: Path | None) -> Path | None:
+    """The demo's work directory, absolute and empty (None, said on stderr, if not)."""
+    # Absolute: the config written below is read back with paths relative to its own
+    # directory, so a relative work dir would be applied twice (demo-work/demo-work/...).
+    work = (Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="zmonitor-demo-"))
+            ).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    if any(work.iterdir()):
+        print(f"demo: {work} is not empty; pass an empty or new --workdir", file=sys.stderr)
+        return None
+    return work
+
+
+def _write_config(work: Path, db: Path) -> Path:
+    cfg_path = work / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "database": str(db), "device_type": "zmonitor-bedside", "app_unit": None,
+        "state_dir": str(work / "state"), "runtime_dir": str(work / "run"),
+        "inbox": str(work / "inbox"), "backup_dir": str(work / "backups"),
+        "trust_dir": str(work / "trusted.d"), "health_check_s": 2, "max_downtime_s": 120,
+        "metrics_path": str(work / "metrics" / "zmonitor_migrate.prom"),
+    }))
+    return cfg_path
+
+
+def _prepare(work: Path, db: Path, source_dir: Path, vitals: int
+             ) -> tuple[Path, Path, datetime]:
+    """The sample database, a throw-away trusted key and the signed bundle built with it:
+    (the key, the bundle, the time it was signed)."""
+    source = sources.load(source_dir)
+    make_sample_db(db, source, version=10, vitals=vitals)
+    print(f"sample database {db}: version 10, {vitals:,} vitals rows, "
+          f"{db.stat().st_size / 1e6:.1f} MB")
+    (work / "keys").mkdir()
+    key, pub = keys.keygen(work / "keys" / "demo-release")
+    shutil.copy(pub, work / "trusted.d" / pub.name)
+    print(f"throw-away signing key {key} (trusted: {pub.name})")
+    now = datetime.now(UTC).replace(microsecond=0)
+    good = work / "zmonitor-1.zmb"
+    bundle.build(source_dir, good, [key], 1, created=now, expires=now + timedelta(days=30))
+    print(f"built and signed {good} ({good.stat().st_size:,} bytes)")
+    return key, good, now
+
+
+def _tampered_is_refused(work: Path, good: Path, config: Config, monitor: ProcessUnit,
+                         reporter: Reporter) -> bool:
+    tampered = work / "zmonitor-1-tampered.zmb"
+    _flip_payload_byte(good, tampered)
+    try:
+        pipeline.apply(tampered, config, services=monitor, reporter=reporter)
+        print("-> UNEXPECTED: the tampered bundle was accepted")
+        return False
+    except MigrateError as exc:
+        print(f"-> refused, exit {exc.exit_code} [{exc.kind}]: {exc.message}")
+        print(f"   monitor still running: {monitor.is_active()}")
+    return True
+
+
+def _broken_is_restored(work: Path, source_dir: Path, key: Path, now: datetime,
+                        config: Config, monitor: ProcessUnit, reporter: Reporter
+                        ) -> int | None:
+    """Apply a bundle whose migration breaks the app's writes; the database's version
+    afterwards (None, said, if the bundle was committed)."""
+    broken_src = work / "broken-src"
+    shutil.copytree(source_dir, broken_src)
+    (broken_src / "migrations" / "schema" / "0015_schema_require_vitals_review.sql"
+     ).write_text(BREAKING_MIGRATION)
+    (broken_src / "migrations" / "rollback" / "0015_rollback.sql").write_text(
+        "DROP TRIGGER vitals_require_review;\n")
+    broken = work / "zmonitor-2-broken.zmb"
+    bundle.build(broken_src, broken, [key], 2, created=now,
+                 expires=now + timedelta(days=30))
+    try:
+        pipeline.apply(broken, config, services=monitor, reporter=reporter)
+        print("-> UNEXPECTED: the breaking bundle was committed")
+        return None
+    except MigrateError as exc:
+        print(f"-> exit {exc.exit_code} [{exc.kind}]: {exc.message}")
+    conn = dbinfo.open_ro(config.database)
+    try:
+        version = dbinfo.current_version(conn)
+    finally:
+        conn.close()
+    print(f"   database back at version {version}; monitor running: "
+          f"{monitor.is_active()}")
+    return version

@@ -59,11 +59,11 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .dbinfo import open_ro
+from .bookkeeping import BUNDLES_TABLE, SCHEMA_VERSION_TABLE
+from .dbinfo import has_table, open_ro
 from .errors import BundleRejected, PrecheckFailed
 from .fsutil import atomic_write
 
-BUNDLES_TABLE = "zmonitor_migrated_bundles"
 FLOOR_FILE = "anti-rollback.json"
 FLOOR_FORMAT = 1
 MAX_FLOOR_BYTES = 64 * 1024
@@ -80,10 +80,6 @@ class DeviceState:
     applied: dict[int, str | None] = field(default_factory=dict)
 
 
-def _tables(conn: sqlite3.Connection) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-
-
 def device_state(db_path: Path | str) -> DeviceState:
     path = Path(db_path)
     if not path.exists():
@@ -93,18 +89,17 @@ def device_state(db_path: Path | str) -> DeviceState:
     except sqlite3.Error as exc:
         raise PrecheckFailed(f"cannot open the database {path} read-only: {exc}") from None
     try:
-        tables = _tables(conn)
         last_seq: int | None = None
         last_sha: str | None = None
-        if BUNDLES_TABLE in tables:
+        if has_table(conn, BUNDLES_TABLE):
             row = conn.execute(f"SELECT sequence, manifest_sha256 FROM {BUNDLES_TABLE} "
                                "ORDER BY sequence DESC LIMIT 1").fetchone()
             if row is not None:
                 last_seq, last_sha = int(row[0]), row[1]
         applied: dict[int, str | None] = {}
-        if "schema_version" in tables:
+        if has_table(conn, SCHEMA_VERSION_TABLE):
             for version, file_hash in conn.execute(
-                    "SELECT version, file_hash FROM schema_version ORDER BY version"):
+                    f"SELECT version, file_hash FROM {SCHEMA_VERSION_TABLE} ORDER BY version"):
                 applied[int(version)] = file_hash
         return DeviceState(exists=True, last_sequence=last_seq, last_manifest_sha256=last_sha,
                            applied=applied)

@@ -42,15 +42,19 @@ Guarantees:
     the authorizer the canonical name and database), directly or from a trigger;
   * anything else the authorizer does not know.
 
-  The runner's own statements run with no authorizer (it is set per migration statement
-  and removed after it; setting it expires every cached statement, so nothing compiled
-  under one is reused under the other) and name ``main.`` explicitly. Two checks cover
-  what an authorizer cannot see at the statement that causes it: after each migration
-  every new or changed trigger is compiled (by compiling, not running, an INSERT, UPDATE
-  and DELETE of its table) under the same authorizer, because it will run later on the
-  app's connection; and the schema rows of the bookkeeping tables must be unchanged
-  (``ALTER TABLE x RENAME TO zmonitor_migrated_bundles`` shows the authorizer only
-  ``x``).
+  The authorizer is installed once per migration (installing one expires every cached
+  statement, so doing it per statement would recompile each batch's SQL thousands of
+  times) and checks only while a migration statement runs; the runner's own statements
+  in between pass, and name ``main.`` explicitly. SQLite asks an authorizer only when it
+  compiles, and Python caches compiled statements by their text, so every migration
+  statement is executed with the engine's nonce (a comment after its ``;``) appended:
+  its text can never be the runner's, and nothing compiled unchecked is reused for it.
+  Two checks cover what an authorizer cannot see at the statement that causes it: after
+  each migration every new or changed trigger is compiled (by compiling, not running, an
+  INSERT, UPDATE and DELETE of its table) under the same authorizer, because it will run
+  later on the app's connection; and the schema rows of the bookkeeping tables must be
+  unchanged (``ALTER TABLE x RENAME TO zmonitor_migrated_bundles`` shows the authorizer
+  only ``x``).
 - A batch header must mean what it says. Before a batched migration records anything,
   each statement is compiled under a recording authorizer: it must write the declared
   table and no other (directly), be an UPDATE or DELETE of it, use ``:batch_start`` and
@@ -70,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import re
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -77,31 +82,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import sqlscript
+from . import dbinfo, sqlscript
+from .bookkeeping import BATCH_DDL, BATCH_TABLE, SCHEMA_VERSION_DDL, is_bookkeeping
 from .errors import MigrateError, MigrationSqlError, PlanError
 from .plan import AppliedRow, Plan, plan, rollback_plan
 from .sources import Migration, Source
 
-BATCH_TABLE = "zmonitor_migrated_batch"
-SCHEMA_VERSION_DDL = """CREATE TABLE IF NOT EXISTS main.schema_version (
-    version INTEGER PRIMARY KEY,
-    applied_at TEXT NOT NULL,
-    description TEXT,
-    migration_type TEXT,
-    file_hash TEXT,
-    execution_time_ms INTEGER,
-    applied_by TEXT DEFAULT 'migrate.py'
-)"""
-BATCH_DDL = f"""CREATE TABLE IF NOT EXISTS main.{BATCH_TABLE} (
-    version INTEGER PRIMARY KEY,
-    next_rowid INTEGER NOT NULL,
-    max_rowid INTEGER NOT NULL,
-    batches_done INTEGER NOT NULL,
-    batches_total INTEGER NOT NULL,
-    rows_changed INTEGER NOT NULL,
-    elapsed_ms INTEGER NOT NULL,
-    file_hash TEXT
-)"""
 # Read-only introspection a migration may use; every other PRAGMA is the runner's.
 _READ_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo",
                  "foreign_key_list"}
@@ -157,14 +143,6 @@ _HARMLESS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIV
              sqlite3.SQLITE_REINDEX, sqlite3.SQLITE_ANALYZE}
 
 
-def is_bookkeeping(name: str | None) -> bool:
-    """The runner's own tables: the version rows, batch progress, applied bundles, and
-    any later ``zmonitor_migrated_*`` table. Whatever the case or quoting: SQLite hands
-    the authorizer the name as the schema spells it, and compares names case-blind."""
-    n = (name or "").lower()
-    return n == "schema_version" or n.startswith("zmonitor_migrated_")
-
-
 def function_allowed(name: str | None) -> bool:
     return (name or "").lower() in SAFE_FUNCTIONS
 
@@ -206,75 +184,97 @@ class MigrationAuthorizer:
     @staticmethod
     def check(action: int, arg1: str | None, arg2: str | None, db: str | None,
               trigger: str | None) -> _Denial | None:
+        """Why migration SQL may not do ``action`` (None: it may), by kind of action."""
         via = f" (in trigger {trigger})" if trigger else ""
         if action in _HARMLESS:
             return None
         if action == sqlite3.SQLITE_FUNCTION:
-            name = (arg2 or "").lower()
-            if name in SAFE_FUNCTIONS or name in _ALTER_FUNCTIONS:
-                return None
-            if name == "load_extension":
-                return _Denial("forbidden", "load_extension() is not allowed in a migration, "
-                                            "ever: it would load native code into the "
-                                            "runner")
-            return _Denial("function", f"function {arg2}(){via} is not on the list of "
-                                       "reviewed SQLite core functions a migration may call")
+            return _function_denial(arg2, via)
         if action in _WRITES:
-            if is_bookkeeping(arg1):
-                return _Denial("bookkeeping", f"{_WRITES[action]} {db}.{arg1}{via} writes "
-                                              "the runner's bookkeeping; the runner records "
-                                              "versions, batches and bundles itself")
-            if (db or "").lower() == "temp" and (arg1 or "").lower() not in _SCHEMA_TABLES:
-                return _Denial("temp-object", f"{_WRITES[action]} temp.{arg1}{via}: "
-                                              "migrations may not use the temp schema")
+            return _write_denial(action, arg1, db, via)
+        if action in _TEMP_ACTIONS or action in _SCHEMA_ACTIONS \
+                or action == sqlite3.SQLITE_ALTER_TABLE:
+            return _schema_denial(action, arg1, arg2, db, via)
+        return _control_denial(action, arg1, arg2, via)
+
+
+def _function_denial(name: str | None, via: str) -> _Denial | None:
+    lowered = (name or "").lower()
+    if lowered in SAFE_FUNCTIONS or lowered in _ALTER_FUNCTIONS:
+        return None
+    if lowered == "load_extension":
+        return _Denial("forbidden", "load_extension() is not allowed in a migration, "
+                                    "ever: it would load native code into the runner")
+    return _Denial("function", f"function {name}(){via} is not on the list of "
+                               "reviewed SQLite core functions a migration may call")
+
+
+def _write_denial(action: int, table: str | None, db: str | None, via: str) -> _Denial | None:
+    if is_bookkeeping(table):
+        return _Denial("bookkeeping", f"{_WRITES[action]} {db}.{table}{via} writes "
+                                      "the runner's bookkeeping; the runner records "
+                                      "versions, batches and bundles itself")
+    if (db or "").lower() == "temp" and (table or "").lower() not in _SCHEMA_TABLES:
+        return _Denial("temp-object", f"{_WRITES[action]} temp.{table}{via}: "
+                                      "migrations may not use the temp schema")
+    return None
+
+
+def _schema_denial(action: int, arg1: str | None, arg2: str | None, db: str | None,
+                   via: str) -> _Denial | None:
+    """CREATE/DROP of TEMP and regular objects, and ALTER TABLE."""
+    if action in _TEMP_ACTIONS:
+        return _Denial("temp-object", f"{_TEMP_ACTIONS[action]} {arg1}{via}: TEMP objects "
+                                      "are not allowed in a migration (they would shadow "
+                                      "real tables for the rest of the connection); use a "
+                                      "regular table and DROP it at the end")
+    if action in _SCHEMA_ACTIONS:
+        if (db or "").lower() == "temp":  # CREATE TABLE temp.x is no CREATE_TEMP_TABLE
+            return _Denial("temp-object", f"{_SCHEMA_ACTIONS[action]} temp.{arg1}{via}: "
+                                          "TEMP objects are not allowed in a migration "
+                                          "(they would shadow real tables for the rest "
+                                          "of the connection); use a regular table and "
+                                          "DROP it at the end")
+        if is_bookkeeping(arg1) or is_bookkeeping(arg2):
+            return _Denial("bookkeeping", f"{_SCHEMA_ACTIONS[action]} {arg1}"
+                                          f"{' ON ' + arg2 if arg2 else ''}{via} touches "
+                                          "the runner's bookkeeping tables")
+        return None
+    # ALTER TABLE: arg1 is the database, arg2 the table
+    if is_bookkeeping(arg2):
+        return _Denial("bookkeeping", f"ALTER TABLE {arg2}{via} touches the runner's "
+                                      "bookkeeping tables")
+    return None
+
+
+def _control_denial(action: int, arg1: str | None, arg2: str | None, via: str
+                    ) -> _Denial | None:
+    """PRAGMAs, virtual tables, ATTACH/DETACH, transactions and anything unknown."""
+    if action == sqlite3.SQLITE_PRAGMA:
+        if (arg1 or "").lower() in _READ_PRAGMAS:
             return None
-        if action in _TEMP_ACTIONS:
-            return _Denial("temp-object", f"{_TEMP_ACTIONS[action]} {arg1}{via}: TEMP objects "
-                                          "are not allowed in a migration (they would shadow "
-                                          "real tables for the rest of the connection); use a "
-                                          "regular table and DROP it at the end")
-        if action in _SCHEMA_ACTIONS:
-            if (db or "").lower() == "temp":  # CREATE TABLE temp.x is no CREATE_TEMP_TABLE
-                return _Denial("temp-object", f"{_SCHEMA_ACTIONS[action]} temp.{arg1}{via}: "
-                                              "TEMP objects are not allowed in a migration "
-                                              "(they would shadow real tables for the rest "
-                                              "of the connection); use a regular table and "
-                                              "DROP it at the end")
-            if is_bookkeeping(arg1) or is_bookkeeping(arg2):
-                return _Denial("bookkeeping", f"{_SCHEMA_ACTIONS[action]} {arg1}"
-                                              f"{' ON ' + arg2 if arg2 else ''}{via} touches "
-                                              "the runner's bookkeeping tables")
-            return None
-        if action == sqlite3.SQLITE_ALTER_TABLE:  # arg1 is the database, arg2 the table
-            if is_bookkeeping(arg2):
-                return _Denial("bookkeeping", f"ALTER TABLE {arg2}{via} touches the runner's "
-                                              "bookkeeping tables")
-            return None
-        if action == sqlite3.SQLITE_PRAGMA:
-            if (arg1 or "").lower() in _READ_PRAGMAS:
-                return None
-            return _Denial("forbidden", f"PRAGMA {arg1}{via} is not allowed in a migration: "
-                                        "state-changing PRAGMAs belong to the runner")
-        if action == sqlite3.SQLITE_CREATE_VTABLE:
-            return _Denial("virtual-table", f"CREATE VIRTUAL TABLE {arg1} USING {arg2}: "
-                                            "virtual tables are not allowed in a migration "
-                                            f"(module {arg2} runs native code on its "
-                                            "arguments)")
-        if action == sqlite3.SQLITE_DROP_VTABLE:
-            return _Denial("virtual-table", f"DROP VIRTUAL TABLE {arg1}: virtual tables are "
-                                            "not allowed in a migration")
-        if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
-            word = "ATTACH" if action == sqlite3.SQLITE_ATTACH else "DETACH"
-            return _Denial("forbidden", f"{word} is not allowed in a migration: the runner "
-                                        "owns the attached databases")
-        if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
-            word = (arg1 or "").upper()
-            if action == sqlite3.SQLITE_SAVEPOINT:
-                word = {"BEGIN": "SAVEPOINT", "ROLLBACK": "ROLLBACK TO"}.get(word, word)
-            return _Denial("forbidden", f"{word} is not allowed in a migration: the runner "
-                                        "owns transactions")
-        return _Denial("forbidden", f"SQLite action {action}{via} is not allowed in a "
-                                    "migration")
+        return _Denial("forbidden", f"PRAGMA {arg1}{via} is not allowed in a migration: "
+                                    "state-changing PRAGMAs belong to the runner")
+    if action == sqlite3.SQLITE_CREATE_VTABLE:
+        return _Denial("virtual-table", f"CREATE VIRTUAL TABLE {arg1} USING {arg2}: "
+                                        "virtual tables are not allowed in a migration "
+                                        f"(module {arg2} runs native code on its "
+                                        "arguments)")
+    if action == sqlite3.SQLITE_DROP_VTABLE:
+        return _Denial("virtual-table", f"DROP VIRTUAL TABLE {arg1}: virtual tables are "
+                                        "not allowed in a migration")
+    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+        word = "ATTACH" if action == sqlite3.SQLITE_ATTACH else "DETACH"
+        return _Denial("forbidden", f"{word} is not allowed in a migration: the runner "
+                                    "owns the attached databases")
+    if action in (sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT):
+        word = (arg1 or "").upper()
+        if action == sqlite3.SQLITE_SAVEPOINT:
+            word = {"BEGIN": "SAVEPOINT", "ROLLBACK": "ROLLBACK TO"}.get(word, word)
+        return _Denial("forbidden", f"{word} is not allowed in a migration: the runner "
+                                    "owns transactions")
+    return _Denial("forbidden", f"SQLite action {action}{via} is not allowed in a "
+                                "migration")
 
 
 def harden(conn: sqlite3.Connection) -> None:
@@ -324,10 +324,7 @@ def connect(path: Path | str, *, timeout: float = 5.0) -> sqlite3.Connection:
 
 
 def read_applied(conn: sqlite3.Connection) -> list[AppliedRow]:
-    # main. explicitly: a temp object of the same name must never answer for the file.
-    exists = conn.execute("SELECT 1 FROM main.sqlite_master WHERE type='table' "
-                          "AND name='schema_version'").fetchone()
-    if not exists:
+    if not dbinfo.has_table(conn, "schema_version"):
         return []
     rows = conn.execute(
         "SELECT version, applied_at, description, migration_type, file_hash, "
@@ -358,6 +355,21 @@ class _Recorder(MigrationAuthorizer):
     def __call__(self, action: int, arg1: str | None, arg2: str | None, db: str | None,
                  trigger: str | None) -> int:
         self.calls.append((action, arg1, arg2, db, trigger))
+        return super().__call__(action, arg1, arg2, db, trigger)
+
+
+class _Guard(MigrationAuthorizer):
+    """The migration authorizer as installed for a whole migration: it checks only while
+    ``checking`` is set (a migration statement runs) and lets the runner's own pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checking = False
+
+    def __call__(self, action: int, arg1: str | None, arg2: str | None, db: str | None,
+                 trigger: str | None) -> int:
+        if not self.checking:
+            return sqlite3.SQLITE_OK
         return super().__call__(action, arg1, arg2, db, trigger)
 
 
@@ -443,6 +455,17 @@ def batch_problem(table: str, sql: str,
     return None
 
 
+@dataclass
+class _Walk:
+    """A batched migration's progress, as its ``zmonitor_migrated_batch`` row holds it."""
+    next_rowid: int
+    max_rowid: int
+    done: int
+    total: int
+    rows: int
+    elapsed_ms: int  # spent by earlier (killed) runs of this migration
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -459,15 +482,14 @@ class Engine:
     inconsistent, and nothing ever reads it again). The caller makes the file durable
     before it goes live. Without a journal a batch's memory is the page cache alone, so
     the peak RSS does not grow with the batch size or the table (an in-memory journal
-    held every original page a batch touched: 61 MB at 1M rows, 72 MB at 10M).
+    would hold every original page a batch touched).
 
     ``min_batch`` raises a batched migration's size to at least that many rows. The
     pipeline passes ``batch_size`` from the config (50,000) for its private copy: a
     header's size bounds how long a live table is locked and how much a resumed run
     repeats, and a private copy is neither shared nor resumed; fewer, larger
-    transactions rewrite shared index pages less often (measured: 1M-row backfill
-    1.35 s → 1.00 s). The fast page cache is 16 MiB, which with 50,000-row transactions
-    keeps the peak RSS of a run well under 80 MB.
+    transactions rewrite shared index pages less often. The fast page cache is 16 MiB,
+    which bounds the memory a run's transactions use (bench/ measures time and peak RSS).
     """
 
     def __init__(self, db_path: Path | str, *, applied_by: str | None = None,
@@ -481,6 +503,8 @@ class Engine:
         self.should_stop = should_stop or (lambda: False)
         self.fast = fast
         self.min_batch = min_batch
+        self._guard: _Guard | None = None
+        self._nonce = f"\n/* zmonitor-migrated {secrets.token_hex(8)} */"
         if fast:
             self.conn.execute(f"PRAGMA cache_size=-{FAST_CACHE_KIB}")
             self.conn.execute("PRAGMA synchronous=OFF")
@@ -502,24 +526,19 @@ class Engine:
         return read_applied(self.conn)
 
     def current_version(self) -> int:
-        return max((r.version for r in self.applied()), default=0)
+        return dbinfo.current_version(self.conn)
 
     def plan(self, source: Source, target: int | None = None) -> Plan:
         return plan(source.migrations, self.applied(), target)
 
     def batch_state(self, version: int) -> tuple[int, int] | None:
         """(batches_done, batches_total) of an unfinished batched migration, if any."""
-        if not self._has_table(BATCH_TABLE):
+        if not dbinfo.has_table(self.conn, BATCH_TABLE):
             return None
         row = self.conn.execute(
             f"SELECT batches_done, batches_total FROM main.{BATCH_TABLE} WHERE version=?",
             (version,)).fetchone()
         return (row[0], row[1]) if row else None
-
-    def _has_table(self, name: str) -> bool:
-        return self.conn.execute(
-            "SELECT 1 FROM main.sqlite_master WHERE type='table' AND name=?",
-            (name,)).fetchone() is not None
 
     # -- applying -------------------------------------------------------------------
     def apply(self, source: Source, *, target: int | None = None,
@@ -547,7 +566,7 @@ class Engine:
     def rollback(self, source: Source, to: int) -> list[int]:
         """Run rollback scripts newest first down to version ``to`` (exclusive)."""
         undo = rollback_plan(source.migrations, self.applied(), to)
-        if self._has_table(BATCH_TABLE):
+        if dbinfo.has_table(self.conn, BATCH_TABLE):
             half = self.conn.execute(
                 f"SELECT version, batches_done, batches_total FROM main.{BATCH_TABLE} "
                 "ORDER BY version").fetchone()
@@ -599,19 +618,33 @@ class Engine:
         except sqlscript.ScriptError as exc:
             raise MigrationSqlError(path, exc.line, str(exc), version=version) from None
 
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """The migration authorizer installed for one migration's statements."""
+        self._guard = _Guard()
+        self.conn.set_authorizer(self._guard)
+        try:
+            yield
+        finally:
+            self._guard = None
+            self.conn.set_authorizer(None)
+
     def _execute(self, path: str, version: int, stmt: sqlscript.Statement,
                  params: dict[str, int] | None = None) -> int:
-        auth = MigrationAuthorizer()
-        self.conn.set_authorizer(auth)
+        """Run one migration statement (inside ``_guarded``) under the authorizer."""
+        guard = self._guard
+        assert guard is not None, "migration SQL runs only inside _guarded()"
+        guard.denied = None
+        guard.checking = True
         try:
-            cur = self.conn.execute(stmt.sql, params or {})
+            cur = self.conn.execute(stmt.sql + self._nonce, params or {})
             for _row in cur:
                 pass
             return max(cur.rowcount, 0)
         except sqlite3.Error as exc:
-            raise _sql_error(path, version, stmt.line, exc, auth) from None
+            raise _sql_error(path, version, stmt.line, exc, guard) from None
         finally:
-            self.conn.set_authorizer(None)
+            guard.checking = False
 
     def _prepare_only(self, rec: _Recorder, sql: str, params: dict[str, int] | None = None
                       ) -> list[tuple[object, ...]]:
@@ -622,7 +655,7 @@ class Engine:
         try:
             return self.conn.execute(sql, params or {}).fetchall()
         finally:
-            self.conn.set_authorizer(None)
+            self.conn.set_authorizer(self._guard)
 
     def _triggers(self) -> set[tuple[str, str, str]]:
         return {(str(n), str(t), str(q)) for n, t, q in self.conn.execute(
@@ -699,7 +732,7 @@ class Engine:
                                     f"{shown}{' …' if len(rows) > 5 else ''}", version=version)
 
     def _sequences(self) -> dict[str, int]:
-        if not self._has_table("sqlite_sequence"):
+        if not dbinfo.has_table(self.conn, "sqlite_sequence"):
             return {}
         return {name: seq for name, seq in
                 self.conn.execute("SELECT name, seq FROM main.sqlite_sequence")
@@ -729,7 +762,7 @@ class Engine:
         fk_before = self.conn.execute("PRAGMA foreign_keys").fetchone()[0]
         self.conn.execute("PRAGMA foreign_keys=OFF")
         try:
-            with self._transaction():
+            with self._guarded(), self._transaction():
                 sequences = self._sequences()
                 triggers = self._triggers()
                 guarded = _bookkeeping_schema(self.conn)
@@ -751,87 +784,108 @@ class Engine:
 
     def _apply_batched(self, mig: Migration, text: str, index: int, count: int) -> None:
         assert mig.batch is not None
-        table, size = mig.batch.table, mig.batch.size
-        size = max(size, self.min_batch)
+        size = max(mig.batch.size, self.min_batch)
         statements = self._statements(mig.path, mig.version, text)
         self._check_batched(mig, statements)  # before anything is recorded
+        walk = self._resumed_walk(mig) or self._start_walk(mig, size)
+        elapsed_before = walk.elapsed_ms
+        fk_before = self.conn.execute("PRAGMA foreign_keys").fetchone()[0]
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        run_started = time.perf_counter()
+        try:
+            with self._guarded():
+                self._walk_batches(mig, statements, size, walk, run_started, index, count)
+            with self._transaction():
+                self._record_version(mig, run_started, elapsed_before)
+                self.conn.execute(f"DELETE FROM main.{BATCH_TABLE} WHERE version=?", (mig.version,))
+        finally:
+            self.conn.execute(f"PRAGMA foreign_keys={int(fk_before)}")
+        self.on_progress(Progress(mig.version, mig.path, index, count, batch=walk.done,
+                                  batches=walk.total, rows=walk.rows, eta_s=0.0, done=True))
+
+    def _resumed_walk(self, mig: Migration) -> _Walk | None:
+        """The walk a killed run left in the batch table, if it ran the same SQL."""
         row = self.conn.execute(
             f"SELECT next_rowid, max_rowid, batches_done, batches_total, rows_changed, "
             f"elapsed_ms, file_hash FROM main.{BATCH_TABLE} WHERE version=?",
             (mig.version,)).fetchone()
-        state: tuple[int, int, int, int, int, int] | None = None
-        if row is not None:
-            if row[6] != mig.sha256:
-                # Resuming with other SQL would mix two migrations in one table.
-                raise PlanError(
-                    f"migration {mig.version} ({mig.path}) is half applied "
-                    f"(batch {row[2]}/{row[3]}) with sha256 {str(row[6])[:12]}… but the "
-                    f"source now has {mig.sha256[:12]}…: a started migration must not be "
-                    "modified; restore the backup",
-                    kind="applied-migration-changed")
-            state = row[:6]
-        if state is None:
-            with self._transaction():
-                try:
-                    lo, hi = self.conn.execute(
-                        f'SELECT min(rowid), max(rowid) FROM main.{_quote(table)}').fetchone()
-                except sqlite3.Error as exc:
-                    raise MigrationSqlError(mig.path, 1, f"batch table {table!r}: {exc}",
-                                            version=mig.version) from None
-                # Not ``lo or 1``: rowid 0 (and negative rowids) are valid and are walked.
-                lo, hi = (1, 0) if lo is None else (lo, hi)
-                total = max(0, (hi - lo) // size + 1) if hi >= lo else 0
-                state = (lo, hi, 0, total, 0, 0)
-                self.conn.execute(
-                    f"INSERT INTO main.{BATCH_TABLE} (version, next_rowid, max_rowid, "
-                    f"batches_done, batches_total, rows_changed, elapsed_ms, file_hash) "
-                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (mig.version, *state, mig.sha256))
-        next_rowid, max_rowid, batches_done, total, rows_changed, elapsed_ms = state
-        fk_before = self.conn.execute("PRAGMA foreign_keys").fetchone()[0]
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        run_started = time.perf_counter()
-        first_batch = batches_done
-        try:
-            while next_rowid <= max_rowid:
-                if self.should_stop():
-                    raise Interrupted(f"stopped in migration {mig.version} after batch "
-                                      f"{batches_done}/{total} at a safe point")
-                end = min(next_rowid + size - 1, max_rowid)
-                with self._transaction():
-                    changed = 0
-                    for stmt in statements:
-                        n = self._execute(mig.path, mig.version, stmt,
-                                          {"batch_start": next_rowid, "batch_end": end})
-                        if n > end - next_rowid + 1:
-                            # More rows than rowids in the range: not bounded by the batch.
-                            raise Refusal(mig.path, stmt.line, f"changed {n} rows in the "
-                                          f"batch of rowids {next_rowid}..{end}, which holds "
-                                          f"at most {end - next_rowid + 1}: the statement "
-                                          "is not bounded by :batch_start/:batch_end",
-                                          version=mig.version, code="batch-bounds")
-                        changed += n
-                    self.conn.execute(
-                        f"UPDATE main.{BATCH_TABLE} SET next_rowid=?, batches_done=?, "
-                        f"rows_changed=?, elapsed_ms=? WHERE version=?",
-                        (end + 1, batches_done + 1, rows_changed + changed,
-                         elapsed_ms + int((time.perf_counter() - run_started) * 1000),
-                         mig.version))
-                batches_done += 1
-                rows_changed += changed
-                next_rowid = end + 1
-                spent = time.perf_counter() - run_started
-                per_batch = spent / max(1, batches_done - first_batch)
-                self.on_progress(Progress(
-                    mig.version, mig.path, index, count, batch=batches_done, batches=total,
-                    rows=rows_changed, eta_s=per_batch * (total - batches_done)))
-            with self._transaction():
-                self._record_version(mig, run_started, elapsed_ms)
-                self.conn.execute(f"DELETE FROM main.{BATCH_TABLE} WHERE version=?", (mig.version,))
-        finally:
-            self.conn.execute(f"PRAGMA foreign_keys={int(fk_before)}")
-        self.on_progress(Progress(mig.version, mig.path, index, count, batch=batches_done,
-                                  batches=total, rows=rows_changed, eta_s=0.0, done=True))
+        if row is None:
+            return None
+        if row[6] != mig.sha256:
+            # Resuming with other SQL would mix two migrations in one table.
+            raise PlanError(
+                f"migration {mig.version} ({mig.path}) is half applied "
+                f"(batch {row[2]}/{row[3]}) with sha256 {str(row[6])[:12]}… but the "
+                f"source now has {mig.sha256[:12]}…: a started migration must not be "
+                "modified; restore the backup",
+                kind="applied-migration-changed")
+        return _Walk(*row[:6])
 
+    def _start_walk(self, mig: Migration, size: int) -> _Walk:
+        """Record a new walk from the table's min rowid to its max rowid now."""
+        assert mig.batch is not None
+        table = mig.batch.table
+        with self._transaction():
+            try:
+                lo, hi = self.conn.execute(
+                    f'SELECT min(rowid), max(rowid) FROM main.{_quote(table)}').fetchone()
+            except sqlite3.Error as exc:
+                raise MigrationSqlError(mig.path, 1, f"batch table {table!r}: {exc}",
+                                        version=mig.version) from None
+            # Not ``lo or 1``: rowid 0 (and negative rowids) are valid and are walked.
+            lo, hi = (1, 0) if lo is None else (lo, hi)
+            total = max(0, (hi - lo) // size + 1) if hi >= lo else 0
+            walk = _Walk(lo, hi, 0, total, 0, 0)
+            self.conn.execute(
+                f"INSERT INTO main.{BATCH_TABLE} (version, next_rowid, max_rowid, "
+                f"batches_done, batches_total, rows_changed, elapsed_ms, file_hash) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (mig.version, walk.next_rowid, walk.max_rowid, walk.done, walk.total,
+                 walk.rows, walk.elapsed_ms, mig.sha256))
+        return walk
+
+    def _walk_batches(self, mig: Migration, statements: list[sqlscript.Statement], size: int,
+                      walk: _Walk, run_started: float, index: int, count: int) -> None:
+        """Run the remaining batches, each committed with the range it finished."""
+        first_batch = walk.done
+        while walk.next_rowid <= walk.max_rowid:
+            if self.should_stop():
+                raise Interrupted(f"stopped in migration {mig.version} after batch "
+                                  f"{walk.done}/{walk.total} at a safe point")
+            end = min(walk.next_rowid + size - 1, walk.max_rowid)
+            with self._transaction():
+                changed = self._run_batch(mig, statements, walk.next_rowid, end)
+                self.conn.execute(
+                    f"UPDATE main.{BATCH_TABLE} SET next_rowid=?, batches_done=?, "
+                    f"rows_changed=?, elapsed_ms=? WHERE version=?",
+                    (end + 1, walk.done + 1, walk.rows + changed,
+                     walk.elapsed_ms + int((time.perf_counter() - run_started) * 1000),
+                     mig.version))
+            walk.done += 1
+            walk.rows += changed
+            walk.next_rowid = end + 1
+            spent = time.perf_counter() - run_started
+            per_batch = spent / max(1, walk.done - first_batch)
+            self.on_progress(Progress(
+                mig.version, mig.path, index, count, batch=walk.done, batches=walk.total,
+                rows=walk.rows, eta_s=per_batch * (walk.total - walk.done)))
+
+    def _run_batch(self, mig: Migration, statements: list[sqlscript.Statement],
+                   start: int, end: int) -> int:
+        """Every statement once over rowids ``start..end``; the rows they changed."""
+        changed = 0
+        for stmt in statements:
+            n = self._execute(mig.path, mig.version, stmt,
+                              {"batch_start": start, "batch_end": end})
+            if n > end - start + 1:
+                # More rows than rowids in the range: not bounded by the batch.
+                raise Refusal(mig.path, stmt.line, f"changed {n} rows in the "
+                              f"batch of rowids {start}..{end}, which holds "
+                              f"at most {end - start + 1}: the statement "
+                              "is not bounded by :batch_start/:batch_end",
+                              version=mig.version, code="batch-bounds")
+            changed += n
+        return changed
 
 def _user() -> str:
     try:

@@ -1,7 +1,12 @@
 """Durable file operations: the only place that decides how bytes reach the disk.
 
-- ``atomic_write``: temp file in the same directory, fsync, ``rename(2)``, fsync the
-  directory — a reader sees the old content or the new, never a torn file.
+- ``atomic_write`` and ``atomic_output`` (the one streaming into a ``mkstemp`` file, whose
+  final name may be decided once the bytes are written): temp file in the same
+  directory, fsync, ``rename(2)``, fsync the directory — a reader sees the old content or
+  the new, never a torn file; on any error the temp file is removed.
+- ``write_new``: a file that must not exist yet (``O_EXCL``, no symlink followed), with
+  exactly the mode given, fsynced.
+- ``sha256_file`` / ``sha256_and_size``: the one loop hashing a file.
 - ``copy_durable``: streams in 1 MiB chunks (memory does not grow with the file),
   returns the sha256 of what was written, optionally fsyncs.
 - ``copy_fast``: an in-kernel ``copy_file_range(2)`` with no hash and no fsync, for the
@@ -18,10 +23,12 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Generic, TypeVar, cast
+from typing import BinaryIO, Generic, TypeVar
 
 CHUNK = 1024 * 1024
 SIDE_SUFFIXES = ("-wal", "-shm", "-journal")
@@ -66,23 +73,74 @@ def _new_file(path: Path, mode: int, *, exclusive: bool = True) -> Iterator[int]
     os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, exact_mode: bool = False
-                 ) -> None:
-    """``exact_mode``: the file gets ``mode`` whatever the umask (the daemon's unit sets
-    ``UMask=0077``; a file meant for other readers must say so)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with _new_file(tmp, mode, exclusive=False) as fd:
-        if exact_mode:
-            os.fchmod(fd, mode)
-        _write_all(fd, data)
-        os.fsync(fd)
+class Pending:
+    """A temp file being written (``file``); renamed to ``target`` when the block ends."""
+
+    def __init__(self, file: BinaryIO, tmp: Path, target: Path | None) -> None:
+        self.file, self.tmp, self.target = file, tmp, target
+
+
+@contextlib.contextmanager
+def _committed(fd: int, tmp: Path, target: Path | None, mode: int | None
+               ) -> Iterator[Pending]:
+    """Every atomic writer's commit: the block writes ``fd`` (the new temp file ``tmp``);
+    then flush, fsync, ``mode`` if given, rename over the target, fsync its directory.
+    On any error the temp file is removed and the target left as it was."""
+    f = os.fdopen(fd, "wb")
+    pending = Pending(f, tmp, target)
     try:
-        os.replace(tmp, path)
+        with f:
+            yield pending
+            f.flush()
+            os.fsync(f.fileno())
+        if pending.target is None:
+            raise ValueError(f"{tmp}: written without a target name")
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, pending.target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fsync_dir(path.parent)
+    fsync_dir(pending.target.parent)
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o644, exact_mode: bool = False
+                 ) -> None:
+    """Replace ``path`` with ``data``. The temp file is ``.NAME.tmp-PID`` (opened with
+    ``mode``, under the umask) so that ``remove_stale_temps`` can tell a dead writer's.
+    ``exact_mode``: the file gets ``mode`` whatever the umask (the daemon's unit sets
+    ``UMask=0077``; a file meant for other readers must say so)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with _committed(fd, tmp, path, None) as pending:
+        if exact_mode:
+            os.fchmod(pending.file.fileno(), mode)
+        pending.file.write(data)
+
+
+@contextlib.contextmanager
+def atomic_output(directory: Path, target: Path | None = None, *, prefix: str,
+                  suffix: str = "", mode: int | None = None) -> Iterator[Pending]:
+    """Stream into a new ``mkstemp`` file in ``directory`` (``O_EXCL``, 0600, or ``mode``
+    once written); it becomes ``target``, or the ``pending.target`` the block sets (a
+    name known only from the bytes written)."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+    with _committed(fd, Path(name), target, mode) as pending:
+        yield pending
+
+
+def write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path``, which must not exist, holding ``data`` with exactly ``mode``."""
+    # O_EXCL: never overwrite; O_NOFOLLOW: never write through a planted symlink; the
+    # mode is given to open(2) itself so the file is never more readable than `mode`.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may only have narrowed it; make it exact
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _TEMP = re.compile(r"^\..+\.tmp-(\d+)\Z")
@@ -113,12 +171,19 @@ def remove_stale_temps(directory: Path) -> list[Path]:
     return removed
 
 
-def sha256_file(path: Path) -> str:
+def sha256_and_size(path: Path) -> tuple[str, int]:
+    """The sha256 of the bytes read from ``path`` and how many there were."""
     h = hashlib.sha256()
+    size = 0
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
-    return h.hexdigest()
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+def sha256_file(path: Path) -> str:
+    return sha256_and_size(path)[0]
 
 
 def copy_durable(src: Path, dst: Path, *, sync: bool = True) -> str:
@@ -144,8 +209,8 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, er
 
 def copy_fast(src: Path, dst: Path) -> None:
     """Copy src to dst (created exclusively) in the kernel, keeping mode and, as root,
-    ownership; not fsynced. About 3 times faster than read, hash and write (measured on
-    a 128 MB database: 0.056 s against 0.160 s)."""
+    ownership; not fsynced: the kernel copies (or shares) the blocks without passing
+    them through this process, unlike ``copy_durable``, which reads, hashes and writes."""
     st = os.stat(src)
     with _new_file(dst, st.st_mode & 0o7777) as fd, open(src, "rb") as f:
         left = os.fstat(f.fileno()).st_size
@@ -175,28 +240,31 @@ def copy_fast(src: Path, dst: Path) -> None:
 
 
 class InBackground(Generic[T]):
-    """``fn(path)`` in a daemon thread; ``result()`` joins it and re-raises its error.
-    For file work beside a SQLite statement on another core: hashlib and fsync release
-    the GIL, as SQLite does while a statement runs."""
+    """``fn(path)`` in a daemon thread (named ``name``, or after ``fn``); ``result()``
+    joins it and returns its value or re-raises its error. A ``concurrent.futures``
+    Future carries the outcome; the thread is a daemon one, unlike an executor's, so a
+    process that must exit never waits for a hash. For file work beside a SQLite
+    statement on another core: hashlib and fsync release the GIL, as SQLite does while
+    a statement runs."""
 
-    def __init__(self, fn: Callable[[Path], T], path: Path) -> None:
-        self._fn, self.path = fn, path
-        self._value: T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=fn.__name__, daemon=True)
+    def __init__(self, fn: Callable[[Path], T], path: Path, *, name: str | None = None
+                 ) -> None:
+        self.path = path
+        self._future: Future[T] = Future()
+        self._thread = threading.Thread(target=self._run, args=(fn,),
+                                        name=name or fn.__name__, daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, fn: Callable[[Path], T]) -> None:
+        self._future.set_running_or_notify_cancel()
         try:
-            self._value = self._fn(self.path)
+            self._future.set_result(fn(self.path))
         except BaseException as exc:  # handed to the caller's thread by result()
-            self._error = exc
+            self._future.set_exception(exc)
 
     def result(self) -> T:
         self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return cast(T, self._value)
+        return self._future.result()
 
 
 def copy_owner(src: Path, dst: Path) -> None:

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from .errors import UsageError
+from .fsutil import write_new
 
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
@@ -50,20 +51,6 @@ def key_paths(name: Path | str) -> tuple[Path, Path]:
     """``keys/release`` → (``keys/release.key``, ``keys/release.pub``)."""
     base = str(name)
     return Path(base + PRIVATE_SUFFIX), Path(base + PUBLIC_SUFFIX)
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    # O_EXCL: never overwrite a key; O_NOFOLLOW: never write through a planted symlink;
-    # the mode is given to open(2) itself so the file is never more readable than `mode`.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may only have narrowed it; make it exact
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def keygen(name: Path | str) -> tuple[Path, Path]:
@@ -85,11 +72,11 @@ def keygen(name: Path | str) -> tuple[Path, Path]:
     pub_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
     try:
-        _write_new(priv_path, priv_pem, 0o600)
+        write_new(priv_path, priv_pem, 0o600)
     except OSError as exc:
         raise UsageError(f"cannot create {priv_path}: {exc.strerror}") from None
     try:
-        _write_new(pub_path, pub_pem, 0o644)
+        write_new(pub_path, pub_pem, 0o644)
     except OSError as exc:
         with contextlib.suppress(OSError):
             priv_path.unlink()  # do not leave half a key pair behind

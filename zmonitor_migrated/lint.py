@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import sqlscript
@@ -115,6 +117,21 @@ def fk_children(source: Source) -> dict[str, set[str]]:
     return children
 
 
+_Report = Callable[[str, int, str, str], None]
+
+
+@dataclass
+class _FileFacts:
+    """What a file's statements create and drop, and where it first changes the schema
+    (``ddl_line``) and the data (``dml_line``)."""
+    created: set[str]
+    temp: set[str]
+    dropped: set[str]
+    created_so_far: set[str] = field(default_factory=set)
+    ddl_line: int = 0
+    dml_line: int = 0
+
+
 def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
               children: dict[str, set[str]]) -> list[Problem]:
     problems: list[Problem] = []
@@ -135,73 +152,84 @@ def lint_file(source: Source, path: str, mig: Migration, *, is_rollback: bool,
         statements = sqlscript.executable(text)
     except sqlscript.ScriptError as exc:
         return [Problem("error", path, exc.line, "syntax", str(exc))]
-    created = {m.group(2).lower() for s in statements if (m := _CREATE_TABLE.match(s.head))}
-    temp = {m.group(2).lower() for s in statements
-            if (m := _CREATE_TABLE.match(s.head)) and m.group(1)}
-    dropped = {m.group(1).lower() for s in statements if (m := _DROP_TABLE.match(s.head))}
-    created_so_far: set[str] = set()
-    ddl_line = dml_line = 0
+    facts = _FileFacts(
+        created={m.group(2).lower() for s in statements
+                 if (m := _CREATE_TABLE.match(s.head))},
+        temp={m.group(2).lower() for s in statements
+              if (m := _CREATE_TABLE.match(s.head)) and m.group(1)},
+        dropped={m.group(1).lower() for s in statements if (m := _DROP_TABLE.match(s.head))})
     for s in statements:
-        head = s.head
-        word = head.split(" ", 1)[0].rstrip(";")
-        if word in _FORBIDDEN:
-            report("error", s.line, "forbidden",
-                   f"{word} is not allowed in a migration: the runner owns attached databases, "
-                   "pragmas and transactions")
-            continue
-        if _TEMP.match(head):
-            report("error", s.line, "temp-object",
-                   "TEMP objects are not allowed in a migration (a TEMP table shadows the "
-                   "real table of the same name); use a regular table and DROP it at the end")
-        if word in _DDL and not re.match(r"^(CREATE|DROP)\s+(TEMP|TEMPORARY)\b", head) and not (
-                (m := _DROP_TABLE.match(head)) and m.group(1).lower() in temp):
-            ddl_line = ddl_line or s.line
-        if word in _DML:
-            ins = _INSERT_INTO.match(head)
-            if not (ins and ins.group(1).lower() in created):
-                dml_line = dml_line or s.line
-        drop = _DROP_TABLE.match(head)
-        # Dropping a parent together with all its children (a rollback of the migration
-        # that created them) loses nothing that is not dropped anyway.
-        if drop and drop.group(1).lower() in children and drop.group(1).lower() not in temp \
-                and not children[drop.group(1).lower()] <= dropped:
-            table = drop.group(1).lower()
-            kids = ", ".join(sorted(children[table]))
-            report("warning", s.line, "rebuild-with-children",
-                   f"DROP TABLE {table}, which has foreign-key children ({kids}): with foreign "
-                   "keys on this deletes every child row; the zmonitor runner disables "
-                   "enforcement around migrations — acknowledge with "
-                   "'-- zmonitor:allow rebuild-with-children'")
-        ren = _RENAME.match(head)
-        # x_new (created above in this file) RENAME TO x is the safe last step of a
-        # rebuild; renaming a parent that existed before this file is not.
-        if ren and ren.group(1).lower() in children \
-                and ren.group(1).lower() not in created_so_far:
-            report("error", s.line, "rename-parent-first",
-                   f"renaming {ren.group(1)} rewrites its children's REFERENCES to the new "
-                   "name; rebuild as CREATE TABLE x_new, INSERT … SELECT, DROP TABLE x, "
-                   "ALTER TABLE x_new RENAME TO x")
-        if (not is_rollback and mig.rollback is None
-                and (drop or re.search(r"\bDROP\s+COLUMN\b", head))):
-            report("error", s.line, "destructive-without-rollback",
-                   "DROP without a rollback script: the dropped data could never be brought "
-                   f"back; add migrations/rollback/{mig.version:04d}_rollback.sql")
-        if re.search(r"\bADD\s+(COLUMN\s+)?\S+[^,]*\bNOT\s+NULL\b", head) and \
-                word == "ALTER" and not re.search(r"\bDEFAULT\b", head):
-            report("error", s.line, "add-not-null",
-                   "ADD COLUMN … NOT NULL needs a DEFAULT, or it fails on a table with rows")
-        if ct := _CREATE_TABLE.match(head):
-            created_so_far.add(ct.group(2).lower())
-    if not is_rollback and ddl_line and dml_line:
-        report("error", max(ddl_line, dml_line), "mixed-ddl-dml",
-               f"schema (line {ddl_line}) and data (line {dml_line}) changes in one "
-               "migration; split them (a schema change and a data change are rolled back "
-               "and batched apart)")
-    if not is_rollback and mig.batch and ddl_line:
-        report("error", ddl_line, "ddl-in-batch",
+        _lint_statement(s, facts, mig, is_rollback, children, report)
+    if not is_rollback and facts.ddl_line and facts.dml_line:
+        report("error", max(facts.ddl_line, facts.dml_line), "mixed-ddl-dml",
+               f"schema (line {facts.ddl_line}) and data (line {facts.dml_line}) changes in "
+               "one migration; split them (a schema change and a data change are rolled "
+               "back and batched apart)")
+    if not is_rollback and mig.batch and facts.ddl_line:
+        report("error", facts.ddl_line, "ddl-in-batch",
                "a batched migration commits per batch and must contain only DML; put schema "
                "changes in a migration of their own before it")
     return problems
+
+
+def _lint_statement(s: sqlscript.Statement, facts: _FileFacts, mig: Migration,
+                    is_rollback: bool, children: dict[str, set[str]], report: _Report) -> None:
+    head = s.head
+    word = head.split(" ", 1)[0].rstrip(";")
+    if word in _FORBIDDEN:
+        report("error", s.line, "forbidden",
+               f"{word} is not allowed in a migration: the runner owns attached databases, "
+               "pragmas and transactions")
+        return
+    if _TEMP.match(head):
+        report("error", s.line, "temp-object",
+               "TEMP objects are not allowed in a migration (a TEMP table shadows the "
+               "real table of the same name); use a regular table and DROP it at the end")
+    if word in _DDL and not re.match(r"^(CREATE|DROP)\s+(TEMP|TEMPORARY)\b", head) and not (
+            (m := _DROP_TABLE.match(head)) and m.group(1).lower() in facts.temp):
+        facts.ddl_line = facts.ddl_line or s.line
+    if word in _DML:
+        ins = _INSERT_INTO.match(head)
+        if not (ins and ins.group(1).lower() in facts.created):
+            facts.dml_line = facts.dml_line or s.line
+    drop = _DROP_TABLE.match(head)
+    _lint_parents(s, drop, facts, children, report)
+    if (not is_rollback and mig.rollback is None
+            and (drop or re.search(r"\bDROP\s+COLUMN\b", head))):
+        report("error", s.line, "destructive-without-rollback",
+               "DROP without a rollback script: the dropped data could never be brought "
+               f"back; add migrations/rollback/{mig.version:04d}_rollback.sql")
+    if re.search(r"\bADD\s+(COLUMN\s+)?\S+[^,]*\bNOT\s+NULL\b", head) and \
+            word == "ALTER" and not re.search(r"\bDEFAULT\b", head):
+        report("error", s.line, "add-not-null",
+               "ADD COLUMN … NOT NULL needs a DEFAULT, or it fails on a table with rows")
+    if ct := _CREATE_TABLE.match(head):
+        facts.created_so_far.add(ct.group(2).lower())
+
+
+def _lint_parents(s: sqlscript.Statement, drop: re.Match[str] | None, facts: _FileFacts,
+                  children: dict[str, set[str]], report: _Report) -> None:
+    """A DROP or RENAME of a table that has foreign-key children."""
+    # Dropping a parent together with all its children (a rollback of the migration
+    # that created them) loses nothing that is not dropped anyway.
+    if drop and drop.group(1).lower() in children and drop.group(1).lower() not in facts.temp \
+            and not children[drop.group(1).lower()] <= facts.dropped:
+        table = drop.group(1).lower()
+        kids = ", ".join(sorted(children[table]))
+        report("warning", s.line, "rebuild-with-children",
+               f"DROP TABLE {table}, which has foreign-key children ({kids}): with foreign "
+               "keys on this deletes every child row; the zmonitor runner disables "
+               "enforcement around migrations — acknowledge with "
+               "'-- zmonitor:allow rebuild-with-children'")
+    ren = _RENAME.match(s.head)
+    # x_new (created above in this file) RENAME TO x is the safe last step of a
+    # rebuild; renaming a parent that existed before this file is not.
+    if ren and ren.group(1).lower() in children \
+            and ren.group(1).lower() not in facts.created_so_far:
+        report("error", s.line, "rename-parent-first",
+               f"renaming {ren.group(1)} rewrites its children's REFERENCES to the new "
+               "name; rebuild as CREATE TABLE x_new, INSERT … SELECT, DROP TABLE x, "
+               "ALTER TABLE x_new RENAME TO x")
 
 
 def lint_source(root: Path) -> list[Problem]:

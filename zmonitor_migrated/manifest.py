@@ -38,6 +38,7 @@ from typing import Any
 
 from .errors import BundleRejected
 from .sources import KINDS, NAME_RE, ROLLBACK_RE, BatchSpec, BundleInfo, Migration
+from .sqlscript import IDENT
 
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1024 * 1024
@@ -49,7 +50,6 @@ _TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*\Z")
 _WORD = re.compile(r"^[A-Za-z0-9._-]+\Z")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _MAX_SIZE = 1 << 40
 
 _TOP_KEYS = {"format_version", "name", "app", "device_types", "description", "sequence",
@@ -179,7 +179,7 @@ def migration_from_dict(raw: object) -> Migration:
     batch = None
     if batch_raw is not None:
         b = _keys(batch_raw, {"table", "size"}, f"migration {version} batch")
-        batch = BatchSpec(table=_str(b["table"], "batch.table", _IDENT),
+        batch = BatchSpec(table=_str(b["table"], "batch.table", IDENT),
                           size=_int(b["size"], "batch.size", 1, 10**9))
     return Migration(version=version, kind=kind, path=path,
                      sha256=_sha(d["sha256"], f"migration {version} sha256"),
@@ -279,7 +279,7 @@ class Manifest:
         if "declared_row_loss" in d:
             rl = d["declared_row_loss"]
             if (not isinstance(rl, dict) or not rl
-                    or not all(_IDENT.match(k) and v is True for k, v in rl.items())):
+                    or not all(IDENT.match(k) and v is True for k, v in rl.items())):
                 raise malformed("'declared_row_loss' must map table names to true")
             row_loss = tuple(sorted(rl))
         return cls(

@@ -67,25 +67,41 @@ def make_sample_db(path: Path, source: Source, *, version: int, vitals: int = 30
         "admission_source": "ADT", "emergency_contact": f"+4479{old:08d}",
     } for mrn, old in patients))
 
-    def vital_rows() -> Iterator[dict[str, object]]:
-        for i in range(vitals):
-            mrn, old = patients[rng.randrange(n_patients)]
-            legacy = rng.random() < 0.08
-            device = f"SERIAL-{100 + (old % 50):03d}"
-            yield {
-                "timestamp": BASE_MS + i * 1000,
-                "patient_id": str(old) if legacy else mrn,
-                "patient_mrn": None if legacy else mrn,
-                "heart_rate": rng.randint(45, 140), "spo2": rng.randint(86, 100),
-                "respiration_rate": rng.randint(8, 28),
-                "temperature": round(rng.uniform(35.0, 39.5), 1),
-                "blood_pressure_systolic": rng.randint(85, 180),
-                "blood_pressure_diastolic": rng.randint(50, 110),
-                "signal_quality": rng.randint(60, 100), "device_id": device,
-                "device_label": f"DEVICE-{device[7:10]}", "is_synced": int(rng.random() < .9),
-            }
+    _insert(conn, "vitals", _vital_rows(rng, patients, vitals))
+    _insert_events(conn, rng, patients, vitals)
+    conn.execute("COMMIT")
+    if wal:
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
+    return path
 
-    _insert(conn, "vitals", vital_rows())
+
+def _vital_rows(rng: random.Random, patients: list[tuple[str, int]], vitals: int
+                ) -> Iterator[dict[str, object]]:
+    """``vitals`` readings of random patients, 8% of them in the legacy id form."""
+    n_patients = len(patients)
+    for i in range(vitals):
+        mrn, old = patients[rng.randrange(n_patients)]
+        legacy = rng.random() < 0.08
+        device = f"SERIAL-{100 + (old % 50):03d}"
+        yield {
+            "timestamp": BASE_MS + i * 1000,
+            "patient_id": str(old) if legacy else mrn,
+            "patient_mrn": None if legacy else mrn,
+            "heart_rate": rng.randint(45, 140), "spo2": rng.randint(86, 100),
+            "respiration_rate": rng.randint(8, 28),
+            "temperature": round(rng.uniform(35.0, 39.5), 1),
+            "blood_pressure_systolic": rng.randint(85, 180),
+            "blood_pressure_diastolic": rng.randint(50, 110),
+            "signal_quality": rng.randint(60, 100), "device_id": device,
+            "device_label": f"DEVICE-{device[7:10]}", "is_synced": int(rng.random() < .9),
+        }
+
+
+def _insert_events(conn: sqlite3.Connection, rng: random.Random,
+                   patients: list[tuple[str, int]], vitals: int) -> None:
+    """Alarms, their archived history and admission events."""
+    n_patients = len(patients)
     n_alarms = max(10, vitals // 400)
     alarms = [(patients[rng.randrange(n_patients)][0], BASE_MS + rng.randrange(vitals) * 1000)
               for _ in range(n_alarms)]
@@ -106,8 +122,3 @@ def make_sample_db(path: Path, source: Source, *, version: int, vitals: int = 30
         "device_id": None, "device_label": None, "user_id": "adt", "bed_location": "ICU-1",
         "source": "ADT", "notes": "recorded by the app", "created_at": "2025-11-01 00:00:00",
     } for mrn, old in patients if old % 3))
-    conn.execute("COMMIT")
-    if wal:
-        conn.execute("PRAGMA journal_mode=WAL")
-    conn.close()
-    return path

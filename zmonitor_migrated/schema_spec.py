@@ -62,20 +62,20 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import yamlsafe
 from .errors import BundleRejected
+from .sqlscript import IDENT
 
 YAML_MAX_EVENTS = 200_000  # the shipped file has ~1,000 nodes; a schema is not a data set
 
 IGNORED_TABLES = ("schema_version",)
 IGNORED_PREFIXES = ("zmonitor_migrated_", "sqlite_")
 FK_ACTIONS = ("NO ACTION", "CASCADE", "SET NULL", "SET DEFAULT", "RESTRICT")
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 # Words that cannot be used bare as a column or table name in generated DDL.
 _RESERVED = {
     "add", "all", "alter", "and", "as", "autoincrement", "between", "by", "case", "check",
@@ -186,7 +186,7 @@ def _tokens(sql: str) -> list[str]:
                 inner = inner.replace('""', '"')
             elif text[0] == "`":
                 inner = inner.replace("``", "`")
-            out.append(inner.lower() if _IDENT.match(inner) else text)
+            out.append(inner.lower() if IDENT.match(inner) else text)
         elif kind == "word":
             out.append(text.lower())
         else:
@@ -256,7 +256,7 @@ class _Reader:
         return value
 
     def ident(self, value: object, where: str) -> str:
-        if not isinstance(value, str) or not _IDENT.match(value):
+        if not isinstance(value, str) or not IDENT.match(value):
             raise self.fail(where, f"must be an SQL identifier (letters, digits, _), "
                                    f"not {value!r}")
         return value
@@ -311,92 +311,110 @@ def parse_spec(text: str, path: str = "database.yaml") -> SchemaSpec:
         raise r.fail("tables", "must be a mapping of table name to table")
     if not raw_tables:
         raise r.fail("tables", "must list at least one table")
-    tables: list[Table] = []
-    index_names: dict[str, str] = {}
-    for tname, raw in raw_tables.items():
-        where = f"tables.{tname}"
-        r.ident(tname, where)
-        if is_ignored_table(tname):
-            raise r.fail(where, "schema_version, sqlite_* and zmonitor_migrated_* tables "
-                                "belong to SQLite and the runner; do not list them")
-        t = r.mapping(raw, where, ("columns", "foreign_keys", "indices", "checks", "unique"),
-                      ("columns",))
-        columns: list[Column] = []
-        raw_cols = r.items(t["columns"], f"{where}.columns")
-        if not raw_cols:
-            raise r.fail(f"{where}.columns", "must list at least one column")
-        for i, rc in enumerate(raw_cols):
-            cw = f"{where}.columns[{i}]"
-            c = r.mapping(rc, cw, ("name", "type", "nullable", "primary_key", "autoincrement",
-                                   "default", "check"), ("name", "type"))
-            name = r.ident(c["name"], f"{cw}.name")
-            if any(col.name.lower() == name.lower() for col in columns):
-                raise r.fail(f"{cw}.name", f"duplicate column {name!r}")
-            default = c.get("default")
-            if isinstance(default, bool) or not (default is None or isinstance(
-                    default, (str, int, float))):
-                raise r.fail(f"{cw}.default", "must be an SQL expression (string) or a number")
-            check = c.get("check")
-            columns.append(Column(
-                name=name,
-                type=r.text(c["type"], f"{cw}.type"),
-                nullable=r.flag(c.get("nullable", True), f"{cw}.nullable"),
-                primary_key=r.flag(c.get("primary_key", False), f"{cw}.primary_key"),
-                autoincrement=r.flag(c.get("autoincrement", False), f"{cw}.autoincrement"),
-                default=None if default is None else str(default),
-                check=None if check is None else r.text(check, f"{cw}.check"),
-            ))
-        for i, col in enumerate(columns):
-            if col.autoincrement and not (col.primary_key and _is_rowid_alias(columns)):
-                raise r.fail(f"{where}.columns[{i}].autoincrement",
-                             "AUTOINCREMENT needs the column to be the table's only primary "
-                             "key, of type INTEGER")
-        table_cols = {c.name.lower() for c in columns}
+    index_names: dict[str, str] = {}  # every index name in the file -> where it is
+    tables = [_parse_table(r, tname, raw, index_names) for tname, raw in raw_tables.items()]
+    _check_references(r, tables)
+    return SchemaSpec(tuple(tables), version)
 
-        def known(names: tuple[str, ...], w: str, cols: set[str] = table_cols,
-                  tbl: str = tname) -> tuple[str, ...]:
-            for j, n in enumerate(names):
-                if n.lower() not in cols:
-                    raise r.fail(f"{w}[{j}]", f"no column {n!r} in table {tbl}")
-            return names
 
-        fks: list[ForeignKey] = []
-        for i, rf in enumerate(r.items(t.get("foreign_keys"), f"{where}.foreign_keys")):
-            fw = f"{where}.foreign_keys[{i}]"
-            f = r.mapping(rf, fw, ("columns", "ref_table", "ref_columns", "on_delete",
-                                   "on_update"), ("columns", "ref_table", "ref_columns"))
-            cols = known(r.names(f["columns"], f"{fw}.columns"), f"{fw}.columns")
-            refs = r.names(f["ref_columns"], f"{fw}.ref_columns")
-            if len(refs) != len(cols):
-                raise r.fail(f"{fw}.ref_columns", "must name as many columns as 'columns'")
-            actions = []
-            for key in ("on_delete", "on_update"):
-                action = " ".join(str(f.get(key, "NO ACTION")).upper().split())
-                if action not in FK_ACTIONS:
-                    raise r.fail(f"{fw}.{key}", f"must be one of {', '.join(FK_ACTIONS)}")
-                actions.append(action)
-            fks.append(ForeignKey(cols, r.ident(f["ref_table"], f"{fw}.ref_table"), refs,
-                                  actions[0], actions[1]))
-        indices: list[Index] = []
-        for i, ri in enumerate(r.items(t.get("indices"), f"{where}.indices")):
-            iw = f"{where}.indices[{i}]"
-            ix = r.mapping(ri, iw, ("name", "columns", "unique", "where"), ("name", "columns"))
-            iname = r.ident(ix["name"], f"{iw}.name")
-            if iname.lower() in index_names:
-                raise r.fail(f"{iw}.name", f"index {iname!r} is also defined in "
-                                           f"{index_names[iname.lower()]}")
-            index_names[iname.lower()] = iw
-            cond = ix.get("where")
-            indices.append(Index(
-                iname, known(r.names(ix["columns"], f"{iw}.columns"), f"{iw}.columns"),
-                r.flag(ix.get("unique", False), f"{iw}.unique"),
-                None if cond is None else r.text(cond, f"{iw}.where")))
-        checks = tuple(r.text(v, f"{where}.checks[{i}]")
-                       for i, v in enumerate(r.items(t.get("checks"), f"{where}.checks")))
-        unique = tuple(known(r.names(v, f"{where}.unique[{i}]"), f"{where}.unique[{i}]")
-                       for i, v in enumerate(r.items(t.get("unique"), f"{where}.unique")))
-        tables.append(Table(tname, _with_rowid_rule(columns), tuple(fks), tuple(indices),
-                            checks, unique))
+def _parse_table(r: _Reader, tname: Any, raw: Any, index_names: dict[str, str]) -> Table:
+    where = f"tables.{tname}"
+    r.ident(tname, where)
+    if is_ignored_table(tname):
+        raise r.fail(where, "schema_version, sqlite_* and zmonitor_migrated_* tables "
+                            "belong to SQLite and the runner; do not list them")
+    t = r.mapping(raw, where, ("columns", "foreign_keys", "indices", "checks", "unique"),
+                  ("columns",))
+    columns = _parse_columns(r, where, t["columns"])
+    table_cols = {c.name.lower() for c in columns}
+
+    def known(names: tuple[str, ...], w: str) -> tuple[str, ...]:
+        for j, n in enumerate(names):
+            if n.lower() not in table_cols:
+                raise r.fail(f"{w}[{j}]", f"no column {n!r} in table {tname}")
+        return names
+
+    fks = [_parse_foreign_key(r, f"{where}.foreign_keys[{i}]", rf, known)
+           for i, rf in enumerate(r.items(t.get("foreign_keys"), f"{where}.foreign_keys"))]
+    indices = [_parse_index(r, f"{where}.indices[{i}]", ri, known, index_names)
+               for i, ri in enumerate(r.items(t.get("indices"), f"{where}.indices"))]
+    checks = tuple(r.text(v, f"{where}.checks[{i}]")
+                   for i, v in enumerate(r.items(t.get("checks"), f"{where}.checks")))
+    unique = tuple(known(r.names(v, f"{where}.unique[{i}]"), f"{where}.unique[{i}]")
+                   for i, v in enumerate(r.items(t.get("unique"), f"{where}.unique")))
+    return Table(tname, _with_rowid_rule(columns), tuple(fks), tuple(indices), checks, unique)
+
+
+def _parse_columns(r: _Reader, where: str, raw: Any) -> list[Column]:
+    columns: list[Column] = []
+    raw_cols = r.items(raw, f"{where}.columns")
+    if not raw_cols:
+        raise r.fail(f"{where}.columns", "must list at least one column")
+    for i, rc in enumerate(raw_cols):
+        cw = f"{where}.columns[{i}]"
+        c = r.mapping(rc, cw, ("name", "type", "nullable", "primary_key", "autoincrement",
+                               "default", "check"), ("name", "type"))
+        name = r.ident(c["name"], f"{cw}.name")
+        if any(col.name.lower() == name.lower() for col in columns):
+            raise r.fail(f"{cw}.name", f"duplicate column {name!r}")
+        default = c.get("default")
+        if isinstance(default, bool) or not (default is None or isinstance(
+                default, (str, int, float))):
+            raise r.fail(f"{cw}.default", "must be an SQL expression (string) or a number")
+        check = c.get("check")
+        columns.append(Column(
+            name=name,
+            type=r.text(c["type"], f"{cw}.type"),
+            nullable=r.flag(c.get("nullable", True), f"{cw}.nullable"),
+            primary_key=r.flag(c.get("primary_key", False), f"{cw}.primary_key"),
+            autoincrement=r.flag(c.get("autoincrement", False), f"{cw}.autoincrement"),
+            default=None if default is None else str(default),
+            check=None if check is None else r.text(check, f"{cw}.check"),
+        ))
+    for i, col in enumerate(columns):
+        if col.autoincrement and not (col.primary_key and _is_rowid_alias(columns)):
+            raise r.fail(f"{where}.columns[{i}].autoincrement",
+                         "AUTOINCREMENT needs the column to be the table's only primary "
+                         "key, of type INTEGER")
+    return columns
+
+
+_Known = Callable[[tuple[str, ...], str], tuple[str, ...]]
+
+
+def _parse_foreign_key(r: _Reader, fw: str, raw: Any, known: _Known) -> ForeignKey:
+    f = r.mapping(raw, fw, ("columns", "ref_table", "ref_columns", "on_delete",
+                            "on_update"), ("columns", "ref_table", "ref_columns"))
+    cols = known(r.names(f["columns"], f"{fw}.columns"), f"{fw}.columns")
+    refs = r.names(f["ref_columns"], f"{fw}.ref_columns")
+    if len(refs) != len(cols):
+        raise r.fail(f"{fw}.ref_columns", "must name as many columns as 'columns'")
+    actions = []
+    for key in ("on_delete", "on_update"):
+        action = " ".join(str(f.get(key, "NO ACTION")).upper().split())
+        if action not in FK_ACTIONS:
+            raise r.fail(f"{fw}.{key}", f"must be one of {', '.join(FK_ACTIONS)}")
+        actions.append(action)
+    return ForeignKey(cols, r.ident(f["ref_table"], f"{fw}.ref_table"), refs,
+                      actions[0], actions[1])
+
+
+def _parse_index(r: _Reader, iw: str, raw: Any, known: _Known,
+                 index_names: dict[str, str]) -> Index:
+    ix = r.mapping(raw, iw, ("name", "columns", "unique", "where"), ("name", "columns"))
+    iname = r.ident(ix["name"], f"{iw}.name")
+    if iname.lower() in index_names:
+        raise r.fail(f"{iw}.name", f"index {iname!r} is also defined in "
+                                   f"{index_names[iname.lower()]}")
+    index_names[iname.lower()] = iw
+    cond = ix.get("where")
+    return Index(iname, known(r.names(ix["columns"], f"{iw}.columns"), f"{iw}.columns"),
+                 r.flag(ix.get("unique", False), f"{iw}.unique"),
+                 None if cond is None else r.text(cond, f"{iw}.where"))
+
+
+def _check_references(r: _Reader, tables: list[Table]) -> None:
+    """Every foreign key names a table and columns of the spec."""
     by_name = {t.name.lower(): t for t in tables}
     for t in tables:
         for i, fk in enumerate(t.foreign_keys):
@@ -408,7 +426,6 @@ def parse_spec(text: str, path: str = "database.yaml") -> SchemaSpec:
                 if parent.column(n) is None:
                     raise r.fail(f"{fw}.ref_columns[{j}]",
                                  f"no column {n!r} in table {parent.name}")
-    return SchemaSpec(tuple(tables), version)
 
 
 def load_spec(path: Path | str) -> SchemaSpec:
@@ -423,7 +440,7 @@ def load_spec(path: Path | str) -> SchemaSpec:
 
 # -- DDL ---------------------------------------------------------------------------------------
 def _q(name: str) -> str:
-    if _IDENT.match(name) and name.lower() not in _RESERVED:
+    if IDENT.match(name) and name.lower() not in _RESERVED:
         return name
     return '"' + name.replace('"', '""') + '"'
 
@@ -560,7 +577,7 @@ def _parse_create_table(sql: str) -> _Parsed:
         if head in ("constraint", "primary", "unique", "check", "foreign"):
             out.table_checks.extend(_checks_in(part))
             continue
-        name = head.strip('"`[]') if not _IDENT.match(head) else head
+        name = head.strip('"`[]') if not IDENT.match(head) else head
         checks = _checks_in(part)
         if checks:
             out.checks[name.lower()] = " and ".join(f"({c})" for c in checks) \
@@ -646,6 +663,12 @@ def _type(text: str) -> str:
 
 
 def _diff_table(e: Table, a: Table) -> list[str]:
+    return (_diff_columns(e, a) + _diff_keys(e, a) + _diff_constraints(e, a)
+            + _diff_indices(e, a))
+
+
+def _diff_columns(e: Table, a: Table) -> list[str]:
+    """Columns missing or extra, then each common column's definition."""
     out: list[str] = []
     t = e.name
     for col in e.columns:
@@ -679,6 +702,13 @@ def _diff_table(e: Table, a: Table) -> list[str]:
             want = f"CHECK ({ec.check})" if ec.check else "no CHECK"
             got = f"CHECK ({ac.check})" if ac.check else "no CHECK"
             out.append(f"{where}: {want} expected, found {got}")
+    return out
+
+
+def _diff_keys(e: Table, a: Table) -> list[str]:
+    """The order of the common columns and of the primary key."""
+    out: list[str] = []
+    t = e.name
     common_e = [c.name.lower() for c in e.columns if a.column(c.name) is not None]
     common_a = [c.name.lower() for c in a.columns if e.column(c.name) is not None]
     if common_e != common_a:
@@ -688,6 +718,13 @@ def _diff_table(e: Table, a: Table) -> list[str]:
             {n.lower() for n in e.primary_key} == {n.lower() for n in a.primary_key}:
         out.append(f"{t}: primary key order ({', '.join(e.primary_key)}) expected, found "
                    f"({', '.join(a.primary_key)})")
+    return out
+
+
+def _diff_constraints(e: Table, a: Table) -> list[str]:
+    """Foreign keys, table CHECKs and UNIQUE constraints missing or extra."""
+    out: list[str] = []
+    t = e.name
 
     def fk_key(fk: ForeignKey) -> tuple[object, ...]:
         return (tuple(c.lower() for c in fk.columns), fk.ref_table.lower(),
@@ -709,6 +746,13 @@ def _diff_table(e: Table, a: Table) -> list[str]:
     a_uniq = {tuple(c.lower() for c in u) for u in a.unique}
     out.extend(f"{t}: missing UNIQUE ({', '.join(u)})" for u in sorted(e_uniq - a_uniq))
     out.extend(f"{t}: extra UNIQUE ({', '.join(u)})" for u in sorted(a_uniq - e_uniq))
+    return out
+
+
+def _diff_indices(e: Table, a: Table) -> list[str]:
+    """Indices missing or extra, and each common one's columns, uniqueness and WHERE."""
+    out: list[str] = []
+    t = e.name
     a_ix = {ix.name.lower(): ix for ix in a.indices}
     e_ix = {ix.name.lower(): ix for ix in e.indices}
     for ix in e.indices:

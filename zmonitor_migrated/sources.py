@@ -30,13 +30,13 @@ from pathlib import Path
 
 from . import yamlsafe
 from .errors import BundleRejected
+from .sqlscript import IDENT
 
 KINDS = ("schema", "data", "seed")
 NAME_RE = re.compile(
     r"^(?P<version>\d{4,})_(?:(?P<kind>schema|data|seed)_)?(?P<slug>[a-z0-9_]+)\.sql\Z")
 ROLLBACK_RE = re.compile(r"^(?P<version>\d{4,})_rollback(?:_[a-z0-9_]+)?\.sql\Z")
 _BATCH = re.compile(r"^--\s*zmonitor:batch\s+(?P<args>.*)$", re.MULTILINE)
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def parse_batch_header(text: str, path: str) -> tuple[BatchSpec | None, list[Pro
                 continue
             args[key] = value
         table, size = args.get("table", ""), args.get("size", "")
-        if not _IDENT.match(table):
+        if not IDENT.match(table):
             problems.append(Problem("error", path, line, "batch-header",
                                     "batch header needs table=NAME (an SQL identifier)"))
             continue
@@ -228,8 +228,6 @@ def discover(root: Path) -> tuple[Source, list[Problem]]:
     root = Path(root)
     info = load_info(root)
     problems: list[Problem] = []
-    found: list[Migration] = []
-    rollbacks: dict[int, str] = {}
     mig_dir = root / "migrations"
     if not mig_dir.is_dir():
         raise BundleRejected(f"{root}: no migrations/ folder; expected migrations/schema, "
@@ -238,53 +236,9 @@ def discover(root: Path) -> tuple[Source, list[Problem]]:
         if child.name not in (*KINDS, "rollback"):
             problems.append(Problem("error", rel(root, child), 1, "layout",
                                     f"unknown folder {child.name!r} under migrations/"))
-    rb_dir = mig_dir / "rollback"
-    if rb_dir.is_dir():
-        for f in sorted(rb_dir.iterdir()):
-            m = ROLLBACK_RE.match(f.name)
-            if not m:
-                problems.append(Problem("error", rel(root, f), 1, "naming",
-                                        "rollback files are named NNNN_rollback.sql"))
-                continue
-            v = int(m.group("version"))
-            if v in rollbacks:
-                problems.append(Problem("error", rel(root, f), 1, "duplicate-rollback",
-                                        f"second rollback for version {v} "
-                                        f"(first: {rollbacks[v]})"))
-                continue
-            rollbacks[v] = rel(root, f)
-    for kind in KINDS:
-        kdir = mig_dir / kind
-        if not kdir.is_dir():
-            continue
-        for f in sorted(kdir.iterdir()):
-            path = rel(root, f)
-            m = NAME_RE.match(f.name)
-            if not m:
-                problems.append(Problem("error", path, 1, "naming",
-                                        "migration files are named NNNN_description.sql or "
-                                        "NNNN_<type>_description.sql (lower case)"))
-                continue
-            if m.group("kind") and m.group("kind") != kind:
-                problems.append(Problem("error", path, 1, "naming",
-                                        f"file name says {m.group('kind')!r} but it is in "
-                                        f"migrations/{kind}/"))
-            data = f.read_bytes()
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                problems.append(Problem("error", path, 1, "encoding", "file is not UTF-8"))
-                continue
-            batch, bp = parse_batch_header(text, path)
-            problems.extend(bp)
-            version = int(m.group("version"))
-            rb = rollbacks.get(version)
-            found.append(Migration(
-                version=version, kind=kind, path=path, sha256=sha256_bytes(data),
-                description=describe(m.group("slug")), rollback=rb,
-                rollback_sha256=sha256_bytes((root / rb).read_bytes()) if rb else None,
-                batch=batch,
-            ))
+    rollbacks = _rollbacks(root, mig_dir / "rollback", problems)
+    found = [mg for kind in KINDS
+             for mg in _migrations(root, mig_dir / kind, kind, rollbacks, problems)]
     found.sort(key=lambda mg: (mg.version, mg.path))
     problems.extend(sequence_problems(found))
     versions = {mg.version for mg in found}
@@ -296,6 +250,64 @@ def discover(root: Path) -> tuple[Source, list[Problem]]:
     for mg in found:
         unique.setdefault(mg.version, mg)
     return Source(root=root, info=info, migrations=tuple(unique.values())), problems
+
+
+def _rollbacks(root: Path, rb_dir: Path, problems: list[Problem]) -> dict[int, str]:
+    """version -> path of its rollback script (naming problems added to ``problems``)."""
+    rollbacks: dict[int, str] = {}
+    if not rb_dir.is_dir():
+        return rollbacks
+    for f in sorted(rb_dir.iterdir()):
+        m = ROLLBACK_RE.match(f.name)
+        if not m:
+            problems.append(Problem("error", rel(root, f), 1, "naming",
+                                    "rollback files are named NNNN_rollback.sql"))
+            continue
+        v = int(m.group("version"))
+        if v in rollbacks:
+            problems.append(Problem("error", rel(root, f), 1, "duplicate-rollback",
+                                    f"second rollback for version {v} "
+                                    f"(first: {rollbacks[v]})"))
+            continue
+        rollbacks[v] = rel(root, f)
+    return rollbacks
+
+
+def _migrations(root: Path, kdir: Path, kind: str, rollbacks: dict[int, str],
+                problems: list[Problem]) -> list[Migration]:
+    """The migrations of one kind's folder, in file name order."""
+    found: list[Migration] = []
+    if not kdir.is_dir():
+        return found
+    for f in sorted(kdir.iterdir()):
+        path = rel(root, f)
+        m = NAME_RE.match(f.name)
+        if not m:
+            problems.append(Problem("error", path, 1, "naming",
+                                    "migration files are named NNNN_description.sql or "
+                                    "NNNN_<type>_description.sql (lower case)"))
+            continue
+        if m.group("kind") and m.group("kind") != kind:
+            problems.append(Problem("error", path, 1, "naming",
+                                    f"file name says {m.group('kind')!r} but it is in "
+                                    f"migrations/{kind}/"))
+        data = f.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(Problem("error", path, 1, "encoding", "file is not UTF-8"))
+            continue
+        batch, bp = parse_batch_header(text, path)
+        problems.extend(bp)
+        version = int(m.group("version"))
+        rb = rollbacks.get(version)
+        found.append(Migration(
+            version=version, kind=kind, path=path, sha256=sha256_bytes(data),
+            description=describe(m.group("slug")), rollback=rb,
+            rollback_sha256=sha256_bytes((root / rb).read_bytes()) if rb else None,
+            batch=batch,
+        ))
+    return found
 
 
 def sequence_problems(migrations: list[Migration]) -> list[Problem]:

@@ -144,6 +144,8 @@ def executable(text: str) -> list[Statement]:
             if not is_transaction_control(s) and not is_version_bookkeeping(s)]
 
 
+# A bare SQL identifier: a name that needs no quoting anywhere in a statement.
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _PARAM = re.compile(r"[:@$][A-Za-z_][A-Za-z0-9_]*")
 
 

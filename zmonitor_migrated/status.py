@@ -43,7 +43,7 @@ def collect(config: Config, source: Path | None = None) -> dict[str, Any]:
         conn = dbinfo.open_ro(config.database)
         try:
             applied = read_applied(conn)
-            info["current_version"] = max((r.version for r in applied), default=0)
+            info["current_version"] = dbinfo.current_version(conn)
             info["applied"] = [r.to_dict() for r in applied]
             info["journal_mode"] = dbinfo.file_journal_mode(config.database, conn)
         finally:

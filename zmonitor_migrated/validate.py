@@ -47,6 +47,7 @@ from typing import Any
 
 from . import dbinfo
 from .engine import Interrupted, watch
+from .fsutil import InBackground
 from .post_checks import CheckFailure, Job, load_checks, plan_scans, run_job
 from .schema_spec import diff, live_schema, load_spec
 
@@ -94,45 +95,28 @@ class _CheckQueue:
         return [str(self._failures[i]) for i in sorted(self._failures)]
 
 
-class _Helper:
+def _start_helper(conn: sqlite3.Connection, quick: bool, queue: _CheckQueue,
+                  clock: _Clock) -> Callable[[], list[str]]:
     """Rule 2, then a share of the rule-5 queue, in a thread on its own read-only
-    connection (rule 2 inline for a database that is not a file)."""
+    connection (rule 2 inline for a database that is not a file). Returns the call that
+    waits for the thread and gives rule 2's problems (or re-raises the thread's error)."""
+    row = conn.execute("PRAGMA database_list").fetchone()
+    path = row[2] if row else ""
+    if not path:
+        problems = dbinfo.integrity_problems(conn, quick=quick)
+        return lambda: problems
 
-    def __init__(self, conn: sqlite3.Connection, quick: bool, queue: _CheckQueue,
-                 clock: _Clock) -> None:
-        self.quick = quick
-        self.queue = queue
-        self.clock = clock
-        self.problems: list[str] = []
-        self.error: BaseException | None = None
-        row = conn.execute("PRAGMA database_list").fetchone()
-        path = row[2] if row else ""
-        self.thread: threading.Thread | None = None
-        if path:
-            self.thread = threading.Thread(target=self._run, args=(Path(path),),
-                                           name="validate-helper", daemon=True)
-            self.thread.start()
-        else:
-            self.problems = dbinfo.integrity_problems(conn, quick=quick)
-
-    def _run(self, path: Path) -> None:
+    def helper(db: Path) -> list[str]:
+        ro = dbinfo.open_ro(db)
         try:
-            conn = dbinfo.open_ro(path)
-            try:
-                self.clock.watch(conn, ticks=False)
-                self.problems = dbinfo.integrity_problems(conn, quick=self.quick)
-                self.queue.drain(conn)
-            finally:
-                conn.close()
-        except BaseException as exc:  # handed to the caller's thread by result()
-            self.error = exc
+            clock.watch(ro, ticks=False)
+            found = dbinfo.integrity_problems(ro, quick=quick)
+            queue.drain(ro)
+            return found
+        finally:
+            ro.close()
 
-    def result(self) -> list[str]:
-        if self.thread is not None:
-            self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.problems
+    return InBackground(helper, Path(path), name="validate-helper").result
 
 
 @functools.lru_cache(maxsize=8)
@@ -180,13 +164,13 @@ def _validate(conn: sqlite3.Connection, clock: _Clock, *, target: int, last_vers
     checks_file = source_root / "checks" / "post.yaml"
     checks = _load("checks", checks_file) if final and checks_file.is_file() else []
     queue = _CheckQueue(plan_scans(conn, checks))
-    helper = _Helper(conn, quick, queue, clock)
+    helper_result = _start_helper(conn, quick, queue, clock)
     try:
         rest = _row_rules(conn, counts_before=counts_before, declared_loss=declared_loss)
         queue.drain(conn)
         schema = _schema_rule(conn, source_root) if final else []
     finally:
-        checked = helper.result()
+        checked = helper_result()
     return (head + [f"integrity: {p}" for p in checked] + rest + queue.failures()
             + schema)
 

@@ -47,6 +47,7 @@ from typing import Any
 
 from . import backup as backups
 from . import dbinfo, fsutil, prechecks, swap
+from .bookkeeping import BUNDLES_DDL, BUNDLES_TABLE
 from .config import Config
 from .engine import Engine, Interrupted, Progress, watch
 from .errors import (
@@ -72,13 +73,6 @@ from .sources import Source
 from .validate import validate
 from .verified import AlreadyApplied, Verified, verify_bundle
 
-BUNDLES_DDL = """CREATE TABLE IF NOT EXISTS zmonitor_migrated_bundles (
-    sequence INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    manifest_sha256 TEXT NOT NULL,
-    applied_at TEXT NOT NULL,
-    run_id TEXT
-)"""
 SLOW_RUN_S = 300.0  # the migration-slow alert: a run longer than 5 minutes
 # With --allow-long the downtime may take LONG_DOWNTIME_FACTOR × the rehearsal's measured
 # time + LONG_DOWNTIME_SLACK_S (the rehearsal's own limit: rehearsal.budget_s).
@@ -399,8 +393,7 @@ class Run:
             if the_plan.target == verified.source.last_version:
                 eng.conn.execute(BUNDLES_DDL)
                 eng.conn.execute(
-                    "INSERT OR REPLACE INTO main.zmonitor_migrated_bundles "
-                    "VALUES (?,?,?,?,?)",
+                    f"INSERT OR REPLACE INTO main.{BUNDLES_TABLE} VALUES (?,?,?,?,?)",
                     (verified.sequence, verified.name, verified.manifest_sha256,
                      self.now().strftime("%Y-%m-%dT%H:%M:%SZ"), j.run_id))
 

@@ -77,7 +77,7 @@ def _json(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "json", False))
 
 
-def _print(args: argparse.Namespace, obj: dict[str, Any], lines: list[str]) -> None:
+def print_result(args: argparse.Namespace, obj: dict[str, Any], lines: list[str]) -> None:
     if _json(args):
         print(json.dumps(obj, sort_keys=True, default=str))
     else:
@@ -91,7 +91,7 @@ def cmd_lint(args: argparse.Namespace, config: Config) -> int:
 
     problems = lint_source(args.source)
     errors = [p for p in problems if p.severity == "error"]
-    _print(args, {"ok": not errors, "problems": [p.__dict__ for p in problems]},
+    print_result(args, {"ok": not errors, "problems": [p.__dict__ for p in problems]},
            [str(p) for p in problems] + [f"{len(errors)} error(s), "
                                          f"{len(problems) - len(errors)} warning(s)"])
     return 3 if errors else 0
@@ -159,7 +159,7 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
                  + (f", version {result.from_version} → {result.to_version}"
                     if result.to_version is not None else "")
                  + (f", downtime {result.downtime_s:.2f} s" if result.downtime_s else ""))
-    _print(args, result.to_dict(), lines)
+    print_result(args, result.to_dict(), lines)
     return result.exit_code
 
 
@@ -167,7 +167,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     from .status import collect, render
 
     info = collect(config, source=args.source)
-    _print(args, info, render(info))
+    print_result(args, info, render(info))
     return 0
 
 
@@ -175,7 +175,7 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
     from .history import read, render
 
     records = read(config.history_path)
-    _print(args, {"ok": True, "runs": records}, render(records) or ["no runs yet"])
+    print_result(args, {"ok": True, "runs": records}, render(records) or ["no runs yet"])
     return 0
 
 
@@ -187,7 +187,7 @@ def cmd_recover(args: argparse.Namespace, config: Config) -> int:
     with RunLock(config.lock_path, wait=True):
         outcome = recover(config, services=for_unit(config.app_unit, config.systemctl),
                           reporter=_reporter(args, config))
-    _print(args, {"ok": True, "outcome": outcome},
+    print_result(args, {"ok": True, "outcome": outcome},
            [f"recovered: {outcome}" if outcome else "nothing to recover"])
     return 0
 
@@ -196,7 +196,7 @@ def cmd_gate(args: argparse.Namespace, config: Config) -> int:
     from .maintenance import gate
 
     ok, message = gate(config, Reporter(default_sinks(None, tty=False)))
-    _print(args, {"ok": ok, "message": message}, [message])
+    print_result(args, {"ok": ok, "message": message}, [message])
     return 0 if ok else 1
 
 
@@ -209,7 +209,7 @@ def cmd_restore(args: argparse.Namespace, config: Config) -> int:
     pick_backup(config, args.backup, args.run)
     path = restore(config, backup=args.backup, run_id=args.run, wait=args.wait,
                    reporter=_reporter(args, config))
-    _print(args, {"ok": True, "restored": str(path)}, [f"restored {path}"])
+    print_result(args, {"ok": True, "restored": str(path)}, [f"restored {path}"])
     return 0
 
 
@@ -227,7 +227,7 @@ def cmd_rollback(args: argparse.Namespace, config: Config) -> int:
     result = rollback(config, to=args.to, source_dir=args.source, bundle=args.bundle,
                       unsigned_source=args.unsigned_source, wait=args.wait,
                       reporter=_reporter(args, config))
-    _print(args, result, [f"rolled back to version {args.to}: run {result['run_id']}"])
+    print_result(args, result, [f"rolled back to version {args.to}: run {result['run_id']}"])
     return 0
 
 
@@ -253,6 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    _add_lint_and_apply(sub, common)
+    _add_state_commands(sub, common)
+    _add_restore_and_rollback(sub, common)
+    _add_service_commands(sub, common)
+    cli_bundle.register(sub, common)
+    cli_schema.register(sub, common)
+    cli_sample.register(sub, common)
+    inventory.register(sub, common)
+    cli_author.register(sub)
+    return parser
+
+
+
+
+def _add_lint_and_apply(sub: Any, common: argparse.ArgumentParser) -> None:
+    """lint and apply, the author's check and the run itself."""
     p = sub.add_parser("lint", parents=[common], help="check a migration source")
     p.add_argument("source", type=source_dir, metavar="SRC")
     p.set_defaults(func=cmd_lint)
@@ -267,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for another run's lock")
     p.set_defaults(func=cmd_apply)
 
+
+def _add_state_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The commands that read or finish a run's state: status, history, recover, gate."""
     p = sub.add_parser("status", parents=[common], help="version, applied, pending, last run")
     p.add_argument("--source", type=source_dir, metavar="SRC",
                    help="migration source to compute pending migrations against")
@@ -282,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exit 0 if the app may start now (the app unit's ExecStartPre)")
     p.set_defaults(func=cmd_gate)
 
+
+def _add_restore_and_rollback(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The operator's ways back: restore a backup, roll back to a version."""
     p = sub.add_parser("restore", parents=[common], help="put a backup back")
     p.add_argument("backup", type=sqlite_file, nargs="?", metavar="BACKUP",
                    help="backup file (default: the newest, or the one of --run)")
@@ -305,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for another run's lock")
     p.set_defaults(func=cmd_rollback)
 
+
+def _add_service_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The systemd service and the embedded demo."""
     p = sub.add_parser("daemon", parents=[common],
                        help="recover, process the inbox, watch it (the systemd service)")
     p.set_defaults(func=cmd_daemon)
@@ -317,13 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vitals", type=int_range(1, DEMO_MAX_VITALS), default=300_000,
                    help=f"vitals rows in the sample DB (1 to {DEMO_MAX_VITALS:,})")
     p.set_defaults(func=cmd_demo)
-
-    cli_bundle.register(sub, common)
-    cli_schema.register(sub, common)
-    cli_sample.register(sub, common)
-    inventory.register(sub, common)
-    cli_author.register(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,13 @@ def _emit(args: argparse.Namespace, obj: dict[str, Any], lines: list[str]) -> No
 
 def register(subparsers: Any) -> None:
     """Add the author commands to the main parser's subcommands."""
+    _add_new(subparsers)
+    _add_dev(subparsers)
+    _add_check(subparsers)
+    _add_codegen(subparsers)
+
+
+def _add_new(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "new", help="start a migration: next free number, header block, rollback stub",
         description="Create migrations/TYPE/NNNN_TYPE_<slug>.sql with the header comment "
@@ -60,6 +67,8 @@ def register(subparsers: Any) -> None:
     _json_flag(p)
     p.set_defaults(func=handle_new, no_config=True)
 
+
+def _add_dev(subparsers: Any) -> None:
     dev = subparsers.add_parser(
         "dev", help="apply, inspect or roll back a plain database file (laptop, no device)",
         description="The laptop path: the device's lint, planner, engine and validation on "
@@ -85,6 +94,8 @@ def register(subparsers: Any) -> None:
                    help="rehearse the rollback on a copy and validate; change nothing")
     r.set_defaults(func=handle_dev_rollback, no_config=True)
 
+
+def _add_check(subparsers: Any) -> None:
     c = subparsers.add_parser(
         "check", help="the migration repository's CI check: lint, empty and fixture "
                       "databases, up/down/up, generated header, timing",
@@ -107,6 +118,8 @@ def register(subparsers: Any) -> None:
                         "SRC/generated/SchemaInfo.h when it exists)")
     c.set_defaults(func=handle_check, no_config=True)
 
+
+def _add_codegen(subparsers: Any) -> None:
     g = subparsers.add_parser(
         "codegen", help="generate the app's SchemaInfo.h from schema/database.yaml",
         description="C++ constants for every table and column of SRC/schema/database.yaml, "

@@ -35,7 +35,7 @@ def absent_file(text: str) -> Path:
 
 def cmd_sample(args: argparse.Namespace, config: Config) -> int:
     from . import sources
-    from .cli import _print
+    from .cli import print_result
     from .sample import make_sample_db
     from .status import default_source
 
@@ -63,7 +63,7 @@ def cmd_sample(args: argparse.Namespace, config: Config) -> int:
                 leftover.unlink()
     info: dict[str, Any] = {"ok": True, "database": str(out), "version": args.version,
                             "vitals": args.vitals, "source": str(src)}
-    _print(args, info, [f"sample database {out}: version {args.version}, "
+    print_result(args, info, [f"sample database {out}: version {args.version}, "
                         f"{args.vitals:,} vitals rows (from {src})"])
     return 0
 

@@ -54,5 +54,6 @@ def test_no_private_name_is_used_across_modules(path: Path) -> None:
 def test_every_module_is_in_the_architecture_module_map() -> None:
     text = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
     module_map = text[text.index("## Module map"):]
-    missing = [p.name for p in MODULES if p.name != "__init__.py" and f"`{p.name}`" not in module_map]
+    missing = [p.name for p in MODULES
+               if p.name != "__init__.py" and f"`{p.name}`" not in module_map]
     assert not missing, f"say in one sentence what each does, in docs/ARCHITECTURE.md: {missing}"

@@ -146,8 +146,18 @@ class CutFS:
             raise OSError(errno.EACCES, "")
         return 0
 
-    def readdir(self, path: str, fh: int) -> list[str]:
-        return [".", "..", *os.listdir(self._full(path))]
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        # Each entry with its inode: with use_ino an entry of inode 0 is a hole to the
+        # kernel, and the listing comes back empty.
+        with self.mutex:
+            rel = self._rel(path)
+            out = [(".", {"st_ino": self._ino(rel), "st_mode": stat.S_IFDIR}, 0),
+                   ("..", {"st_ino": 1, "st_mode": stat.S_IFDIR}, 0)]
+            for name in os.listdir(self._full(path)):
+                child = os.path.join(rel, name) if rel else name
+                mode = os.lstat(os.path.join(self.root, child)).st_mode
+                out.append((name, {"st_ino": self._ino(child), "st_mode": mode}, 0))
+            return out
 
     def statfs(self, path: str) -> dict[str, int]:
         s = os.statvfs(self._full(path))

@@ -195,3 +195,20 @@ def test_sqlite_commits_survive_only_as_far_as_sqlite_synced_them(mount: Mount) 
             seen.add(c.execute("SELECT COUNT(*) FROM t").fetchone()[0])
             c.close()
     assert seen == {0, 100}
+
+
+@needs_fuse
+def test_a_directory_the_tool_creates_survives_a_power_cut(mount: Mount) -> None:
+    """Found by the sweep: a first run created the state and backup dirs with a plain
+    mkdir, so a power cut could take the journal (fsynced inside a directory whose own
+    entry was not) and the backup with them. ``make_dirs`` fsyncs each new entry."""
+    from zmonitor_migrated import fsutil
+
+    mp = mount.mountpoint
+    fsutil.make_dirs(mp / "state" / "deep")
+    fsutil.atomic_write(mp / "state" / "deep" / "journal.json", b"{}")
+    (mp / "plain").mkdir()
+    fsutil.atomic_write(mp / "plain" / "journal.json", b"{}")
+    mount.fs.power_cut(mp)
+    assert (mp / "state" / "deep" / "journal.json").read_bytes() == b"{}"
+    assert not (mp / "plain").exists()  # what a plain mkdir risks

@@ -349,7 +349,7 @@ class Run:
 
     def _backup_linkable(self) -> bool:
         try:
-            self.config.backup_dir.mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs(self.config.backup_dir)
             return fsutil.can_hardlink(self.db.parent, self.config.backup_dir)
         except OSError:
             return False
@@ -890,7 +890,7 @@ def _set_journal_mode(path: Path, mode: str) -> None:
 def _ensure_dirs(config: Config) -> None:
     for d in (config.state_dir, config.backup_dir):
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs(d)
         except OSError as exc:
             raise PrecheckFailed(f"cannot create {d}: {exc.strerror}; check the config "
                                  "and the permissions", kind="path") from None

@@ -377,6 +377,15 @@ class Mount:
             time.sleep(0.01)
         raise RuntimeError(f"FUSE mount at {self.mountpoint} did not come up: {self.error}")
 
+    def remount(self) -> None:
+        """A new server for the same tree (after the old one died), log kept."""
+        old = self.fs
+        self.__exit__()
+        fs = CutFS(self.backing)
+        fs.ops, fs.base, fs.next_ino = old.ops, old.base, old.next_ino
+        self.fs = fs
+        self.__enter__()
+
     def __exit__(self, *exc: object) -> None:
         kill_users(self.mountpoint)
         subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False,

@@ -275,9 +275,20 @@ def flow_health_gate_restore(rig: Rig, m: Mount) -> Recording:
         return "restored"
     rec = _record(rig, m, "health-gate-restore", run)
     rig.app(active=True)
-    # Both ends of the flow are the old database; the migrated one was live in between.
-    rec.new_rows = MIGRATED.get("rows")
+    # Both ends of the flow are the old database; the migrated one (this run's: its
+    # bookkeeping rows carry this run's id and times) was live in between.
+    rec.new_rows = _rows_after_swap(rig, rec)
     return rec
+
+
+def _rows_after_swap(rig: Rig, rec: Recording) -> dict[str, list[tuple[object, ...]]]:
+    """The database's rows right after the run renamed its migrated copy into place."""
+    swap = next(i for i, op in enumerate(rec.ops) if op.kind == "rename"
+                and op.path == "data/zmonitor.db" and ".migrating-" in op.src)
+    plain = rig.out / "after-swap"
+    plain.mkdir(exist_ok=True)
+    model.materialize(model.crash_state(rec.base, rec.ops, swap + 1, "all"), plain)
+    return table_rows(plain / "data" / "zmonitor.db")
 
 
 def flow_operator_restore(rig: Rig, m: Mount) -> Recording:
@@ -308,13 +319,47 @@ def flow_daemon(rig: Rig, m: Mount) -> Recording:
     return _record(rig, m, "daemon", run)
 
 
+# Per flow: a closed journal's outcome → the content the database must then hold ("old"
+# is the content before the flow, "new" after it).
+_FORWARD = {"applied": "new", "restored": "old", "recovered-old": "old", "abandoned": "old",
+            "interrupted": "old"}
+OUTCOME_CONTENT: dict[str, dict[str | None, str]] = {
+    "apply": _FORWARD, "daemon": _FORWARD, "recover-cut": _FORWARD,
+    "health-gate-restore": {"restored": "old", "recovered-old": "old", "abandoned": "old",
+                            "applied": "new"},
+}
+
 MIGRATED: dict[str, dict[str, list[tuple[object, ...]]]] = {}
 
 
 # -- checking one crash state ----------------------------------------------------------
 
+def _mount_alive(rig: Rig) -> bool:
+    try:
+        os.stat(rig.mnt / "data")
+        return os.path.ismount(rig.mnt)
+    except OSError:
+        return False
+
+
 def check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
                 tally: Tally) -> None:
+    """Check one state; a FUSE server that died under the check (it happens, rarely,
+    under a noisy machine) is remounted and the state checked again, once."""
+    for attempt in (1, 2):
+        if not _mount_alive(rig):
+            m.remount()
+            tally.outcomes["remounted"] += 1
+        before = len(tally.failures)
+        _check_state(rig, m, rec, state, label, tally)
+        if attempt == 2 or _mount_alive(rig) or len(tally.failures) == before:
+            return
+        del tally.failures[before:]
+        tally.states -= 1
+
+
+def _check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
+                 tally: Tally) -> None:
     m.fs.load(state)
     rig.app(active=False)
     proc = subprocess.run([sys.executable, "-m", "powercut.check", str(rig.config),
@@ -325,7 +370,8 @@ def check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
     try:
         res = json.loads(proc.stdout.splitlines()[-1])
     except (IndexError, ValueError):
-        tally.failures.append(f"{label}: checker died: {proc.stderr[-2000:]}")
+        tally.failures.append(f"{label}: checker died (exit {proc.returncode}): "
+                              f"{proc.stderr[-2000:]}")
         return
     r1, r2, gate, status = res["recover"], res["recover2"], res["gate"], res["status"]
     # At boot systemd starts the app unit after recovery; its ExecStartPre is the gate.
@@ -351,6 +397,7 @@ def check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
     elif r1["code"] == 0 and '"outcome": null' not in r2["out"]:
         problems.append(f"second recover found work: {r2['out']}")
     # The database: old or fully migrated, never a mix, never a row lost.
+    content: str | None = None
     if not rig.db.exists():
         tally.db["missing"] += 1
         tally.rows_lost += 1
@@ -362,17 +409,25 @@ def check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
             rows = {"error": [(str(exc),)]}
         if rows == rec.old_rows:
             tally.db["old"] += 1
+            content = "old"
         elif rows == rec.new_rows:
             tally.db["new"] += 1
+            content = "new"
         else:
             tally.db["mixed"] += 1
             tally.rows_lost += 1
             problems.append("database is neither the old nor the new content")
-    # Journal readable (or absent) and closed after a successful recover.
+    # Journal readable (or absent) and closed after a successful recover; what it says
+    # happened is what the database shows.
     try:
         j = Journal.load(rig.mnt / "state" / "journal.json")
         if r1["code"] == 0 and j is not None and not j.closed:
             problems.append(f"journal still open in {j.phase}")
+        said = OUTCOME_CONTENT.get(rec.flow.split("[")[0], {}).get(
+            j.outcome if j is not None else None)
+        if said is not None and content is not None and said != content:
+            problems.append(f"the journal says {j.outcome if j else None} but the database "
+                            f"holds the {content} content")
     except Exception as exc:
         problems.append(f"journal unreadable: {exc}")
     # Anti-rollback floor.
@@ -397,19 +452,29 @@ def check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
                                 f"{actual[:12]})")
     except (ValueError, OSError) as exc:
         problems.append(f"status unusable: exit {status['code']} {exc} {status['err'][-300:]}")
+    # The daemon's bundle: never lost while the database is still the old one.
+    if rec.flow == "daemon" and content == "old":
+        want = hashlib.sha256(rig.bundle.read_bytes()).hexdigest()
+        found = [p for p in rig.mnt.rglob("*.zmb*") if p.is_file()
+                 and hashlib.sha256(p.read_bytes()).hexdigest() == want]
+        if not found:
+            problems.append("the bundle is gone from the inbox and the database is old")
     if problems:
         tally.failures.append(f"{label}: " + "; ".join(problems))
 
 
 # -- the sweep -------------------------------------------------------------------------
 
-def states_of(rec: Recording, subsets: int, seed: int) -> list[tuple[str, State]]:
+def states_of(rec: Recording, subsets: int, seed: int,
+              cuts: range | None = None) -> list[tuple[str, State]]:
     """Every distinct crash state of the recording: per cut point, the durable ops only,
     every op, and ``subsets`` seeded subsets of the unsynced ones."""
     durable = model.durable_after(rec.ops)
     seen: set[str] = set()
     out: list[tuple[str, State]] = []
-    for k in range(len(rec.ops) + 1):
+    for k in cuts if cuts is not None else range(len(rec.ops) + 1):
+        if k > len(rec.ops):
+            break
         modes = [("sync", 0), ("all", 0)]
         if model.unsynced_count(rec.ops, k, durable) > 1:
             modes += [("subset", seed * 1_000_003 + k * 101 + s) for s in range(subsets)]
@@ -424,11 +489,20 @@ def states_of(rec: Recording, subsets: int, seed: int) -> list[tuple[str, State]
     return out
 
 
+def pick(states: list[tuple[str, State]], sample: int,
+         rng: random.Random) -> list[tuple[str, State]]:
+    """A sample: every worst-case state (one per fsync: where a missing fsync shows)
+    first, then a seeded draw from the others."""
+    worst = [s for s in states if s[0].endswith(" sync")]
+    rest = [s for s in states if not s[0].endswith(" sync")]
+    return worst[:sample] + rng.sample(rest, max(0, min(len(rest), sample - len(worst))))
+
+
 FLOWS = ("apply", "health-gate-restore", "operator-restore", "recover-cut", "daemon")
 
 
 def sweep(tmp: Path, flows: list[str], *, subsets: int = 2, seed: int = 1, sample: int = 0,
-          log: Callable[[str], None] = print) -> dict[str, Tally]:
+          cuts: range | None = None, log: Callable[[str], None] = print) -> dict[str, Tally]:
     """Record each flow, check its crash states (all of them, or ``sample`` per flow)."""
     rng = random.Random(seed)
     tallies: dict[str, Tally] = {}
@@ -459,10 +533,10 @@ def sweep(tmp: Path, flows: list[str], *, subsets: int = 2, seed: int = 1, sampl
                 raise ValueError(flow)
             tally = tallies.setdefault(flow, Tally())
             if rec is not None:
-                states = states_of(rec, subsets, seed)
+                states = states_of(rec, subsets, seed, cuts)
                 tally.ops, tally.cut_points = len(rec.ops), len(rec.ops) + 1
                 if sample and len(states) > sample:
-                    states = rng.sample(states, sample)
+                    states = pick(states, sample, rng)
                 for label, st in states:
                     check_state(rig, m, rec, st, label, tally)
             else:
@@ -511,7 +585,7 @@ def _sweep_recover_cut(rig: Rig, m: Mount, rec_apply: Recording, subsets: int, s
         tally.ops += len(rec.ops)
         tally.cut_points += len(rec.ops) + 1
         if sample:
-            states = rng.sample(states, min(len(states), max(1, sample // len(picks))))
+            states = pick(states, max(1, sample // len(picks)), rng)
         for label, cs in states:
             check_state(rig, m, rec, cs, label, tally)
 
@@ -523,13 +597,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="seeded subsets of the unsynced ops per cut point")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sample", type=int, default=0, help="states per flow (0: all)")
+    ap.add_argument("--cuts", help="only cut points A:B (a debugging aid)")
     ap.add_argument("--json", type=Path, help="write the tallies here")
     args = ap.parse_args(argv)
     flows = list(FLOWS) if args.flows == "all" else args.flows.split(",")
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="powercut-") as tmp:
         tallies = sweep(Path(tmp), flows, subsets=args.subsets, seed=args.seed,
-                        sample=args.sample)
+                        sample=args.sample,
+                        cuts=range(*map(int, args.cuts.split(":"))) if args.cuts else None)
     total = sum(t.states for t in tallies.values())
     lost = sum(t.rows_lost for t in tallies.values())
     stuck = sum(t.stuck_without_reason for t in tallies.values())

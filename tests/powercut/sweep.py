@@ -118,6 +118,7 @@ def make_db(path: Path) -> None:
                      "mrn TEXT)")
         conn.executemany("INSERT INTO patients (name) VALUES (?)",
                          [(f"patient {i}",) for i in range(ROWS)])
+        conn.execute("PRAGMA journal_mode=WAL")  # as the monitor's database is
         for version, sql in ((1, SQL_1), (2, SQL_2)):
             conn.execute("INSERT INTO schema_version (version, applied_at, description, "
                          "migration_type, file_hash) VALUES (?, '2025-01-01', 'x', 'schema', "
@@ -126,10 +127,17 @@ def make_db(path: Path) -> None:
 
 
 def table_rows(db: Path) -> dict[str, list[tuple[object, ...]]]:
-    """Schema and every row of every table, by rowid."""
-    conn = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True)
+    """The file's journal mode (header bytes 18-19), schema and every row of every table
+    by rowid. Read without writing: a closed WAL database is opened ``immutable``."""
+    with open(db, "rb") as f:
+        header = f.read(100)
+    uri = f"{db.absolute().as_uri()}?mode=ro"
+    if header[18:20] == b"\x02\x02" and not Path(f"{db}-wal").exists():
+        uri += "&immutable=1"
+    conn = sqlite3.connect(uri, uri=True)
     try:
-        out = {"sqlite_master": conn.execute(
+        out = {"header": [(header[18], header[19])],
+               "sqlite_master": conn.execute(
             "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
         ).fetchall()}
         for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND "
@@ -306,15 +314,26 @@ def flow_operator_restore(rig: Rig, m: Mount) -> Recording:
 
 
 def flow_daemon(rig: Rig, m: Mount) -> Recording:
-    """``daemon --once`` takes the bundle from the inbox, applies it, archives it."""
+    """The daemon takes the bundle from the inbox, applies it and archives it; stopped
+    (SIGTERM) once the bundle is in ``archive/``."""
     rig.app(active=True)
     inbox = rig.mnt / "inbox"
     inbox.mkdir(exist_ok=True)
     shutil.copy(rig.bundle, inbox / rig.bundle.name)
 
     def run() -> str:
-        p = rig.cli("daemon", "--once", timeout=180)
-        assert p.returncode == 0, (p.returncode, p.stderr)
+        proc = subprocess.Popen([sys.executable, "-m", "zmonitor_migrated.cli", "--config",
+                                 str(rig.config), "daemon"], env=rig.env, cwd=rig.out,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        archive = rig.mnt / "state" / "archive"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if archive.is_dir() and any(archive.iterdir()):
+                break
+            time.sleep(0.05)
+        proc.terminate()
+        _out, err = proc.communicate(timeout=60)
+        assert archive.is_dir() and any(archive.iterdir()), err
         return "applied"
     return _record(rig, m, "daemon", run)
 

@@ -110,6 +110,7 @@ def _sha(text: str) -> str:
 
 def make_db(path: Path) -> None:
     conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")  # as the monitor's database is
     with conn:
         conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at "
                      "TEXT NOT NULL, description TEXT, migration_type TEXT, file_hash TEXT, "
@@ -118,7 +119,6 @@ def make_db(path: Path) -> None:
                      "mrn TEXT)")
         conn.executemany("INSERT INTO patients (name) VALUES (?)",
                          [(f"patient {i}",) for i in range(ROWS)])
-        conn.execute("PRAGMA journal_mode=WAL")  # as the monitor's database is
         for version, sql in ((1, SQL_1), (2, SQL_2)):
             conn.execute("INSERT INTO schema_version (version, applied_at, description, "
                          "migration_type, file_hash) VALUES (?, '2025-01-01', 'x', 'schema', "

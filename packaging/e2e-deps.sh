@@ -3,7 +3,8 @@
 # debootstrap and systemd-nspawn to build and boot the device root filesystem, and
 # the Debian packaging tools that build and check the .deb. Run as root; idempotent.
 # The container itself gets mender-client and mender-artifact from the mirror; the
-# host only needs mender-artifact (to wrap bundles into .mender artifacts).
+# host only needs mender-artifact (to wrap bundles into .mender artifacts). fuse3 (with
+# libfuse3) is for the power-cut tests' FUSE file system (tests/powercut).
 set -euo pipefail
 
 if [ "$(id -u)" -ne 0 ]; then
@@ -21,6 +22,7 @@ packages=(
     pybuild-plugin-pyproject
     lintian
     mender-artifact
+    fuse3
 )
 
 missing=()

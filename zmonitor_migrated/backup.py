@@ -97,7 +97,7 @@ def take(db: Path, backup_dir: Path, version: int, *, defer_hash: bool = False) 
     With ``defer_hash`` a hard-linked backup is returned unhashed (``sha256`` empty) and
     not yet durable: the caller hashes it off the critical path and must ``seal`` it
     before anything depends on it. A copied backup is always hashed as it is written."""
-    backup_dir.mkdir(parents=True, exist_ok=True)
+    fsutil.make_dirs(backup_dir)
     target = _unique(backup_dir / backup_name(db, version))
     try:
         os.link(db, target)

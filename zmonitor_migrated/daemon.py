@@ -72,7 +72,7 @@ from typing import Any
 from . import pipeline
 from .config import Config
 from .errors import LockHeld, MigrateError, RestoreBlocked, RestoreFailed, StopInterrupted
-from .fsutil import atomic_write, fsync_dir, remove_stale_temps
+from .fsutil import atomic_write, fsync_dir, make_dirs, remove_stale_temps
 from .lock import RunLock
 from .progress import NotifySink, Reporter, default_sinks, stream_is_journal
 from .recovery import recover
@@ -410,7 +410,7 @@ def keep(path: Path, dest_dir: Path, base: str, *, reason: dict[str, Any] | None
     take it. Returns where things went."""
     last_error: OSError | None = None
     try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(dest_dir)
         names = _fresh_names(base)
     except OSError as exc:  # e.g. a file where the directory should be
         last_error, names = exc, []
@@ -731,7 +731,7 @@ def run_daemon(config: Config) -> int:
     reporter = Reporter(sinks)
     notify = next((s for s in sinks if isinstance(s, NotifySink)), NotifySink())
     for d in (config.inbox, config.state_dir):
-        d.mkdir(parents=True, exist_ok=True)
+        make_dirs(d)
     services = for_unit(config.app_unit, config.systemctl)
     with RunLock(config.lock_path, wait=True):
         outcome = recover(config, services=services, reporter=reporter)

@@ -649,7 +649,7 @@ def _check_backup(run: Run, result: RunResult) -> None:
 def _ensure_dirs(config: Config) -> None:
     for d in (config.state_dir, config.backup_dir):
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs(d)
         except OSError as exc:
             raise PrecheckFailed(f"cannot create {d}: {exc.strerror}; check the config "
                                  "and the permissions", kind="path") from None

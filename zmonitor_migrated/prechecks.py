@@ -103,7 +103,7 @@ def room_for_swap(db: Path, db_size: int, grown: int) -> None:
 
 def backup_linkable(db: Path, backup_dir: Path) -> bool:
     try:
-        backup_dir.mkdir(parents=True, exist_ok=True)
+        fsutil.make_dirs(backup_dir)
         return fsutil.can_hardlink(db.parent, backup_dir)
     except OSError:
         return False

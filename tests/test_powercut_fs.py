@@ -1,0 +1,214 @@
+"""The crash-simulating file system itself: what a power cut keeps and what it drops.
+
+The model (``powercut.model``) is checked on op logs written by hand; the FUSE layer
+(``powercut.fs``) on a real mount, where the same rules must hold for real syscalls.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from powercut import model
+from powercut.fs import Mount, fuse_unavailable
+from powercut.model import Op, State
+
+
+def base() -> State:
+    """A root with one directory ``d`` (inode 2) holding ``old`` (inode 3, b"old")."""
+    return State(names={"d": 2, "d/old": 3}, kind={2: "d", 3: "f"}, data={3: b"old"},
+                 mode={2: 0o755, 3: 0o644})
+
+
+def files(st: State) -> dict[str, bytes]:
+    live = st.live()
+    return {p: live.data[i] for p, i in live.names.items() if live.kind[i] == "f"}
+
+
+def atomic_replace(dir_sync: bool = True, file_sync: bool = True) -> list[Op]:
+    ops = [Op("create", 4, path="d/.tmp", dirs=(2,), offset=0o644),
+           Op("write", 4, offset=0, data=b"new")]
+    if file_sync:
+        ops.append(Op("fsync", 4))
+    ops.append(Op("rename", 4, path="d/old", src="d/.tmp", dirs=(2,)))
+    if dir_sync:
+        ops.append(Op("fsync", 2))
+    return ops
+
+
+def test_an_unsynced_write_is_lost_and_a_synced_one_kept() -> None:
+    ops = [Op("write", 3, offset=0, data=b"NEW"), Op("write", 3, offset=3, data=b"+")]
+    assert files(model.crash_state(base(), ops, 2))["d/old"] == b"old"
+    synced = [*ops[:1], Op("fsync", 3), ops[1]]
+    assert files(model.crash_state(base(), synced, 3))["d/old"] == b"NEW"
+    assert files(model.crash_state(base(), synced, 3, "all"))["d/old"] == b"NEW+"
+
+
+def test_a_rename_without_the_directory_fsync_is_undone() -> None:
+    ops = atomic_replace(dir_sync=False)
+    st = model.crash_state(base(), ops, len(ops))
+    assert files(st) == {"d/old": b"old"}
+    ops = atomic_replace()
+    assert files(model.crash_state(base(), ops, len(ops))) == {"d/old": b"new"}
+
+
+def test_a_file_fsync_does_not_make_its_name_durable() -> None:
+    ops = [Op("create", 4, path="d/new", dirs=(2,), offset=0o644),
+           Op("write", 4, offset=0, data=b"x"), Op("fsync", 4)]
+    assert "d/new" not in files(model.crash_state(base(), ops, 3))
+    assert files(model.crash_state(base(), [*ops, Op("fsync", 2)], 4))["d/new"] == b"x"
+
+
+def test_a_renamed_file_whose_data_was_never_synced_is_empty() -> None:
+    """The classic: rename durable, data not: the new name holds an empty file."""
+    ops = atomic_replace(file_sync=False)
+    assert files(model.crash_state(base(), ops, len(ops))) == {"d/old": b""}
+
+
+def test_unlink_truncate_link_and_mkdir_are_durable_only_with_their_directory() -> None:
+    ops = [Op("unlink", 3, path="d/old", dirs=(2,)), Op("trunc", 3, offset=1),
+           Op("mkdir", 5, path="e", dirs=(1,), offset=0o755),
+           Op("create", 6, path="e/f", dirs=(5,), offset=0o644), Op("fsync", 5)]
+    st = model.crash_state(base(), ops, len(ops))
+    assert files(st) == {"d/old": b"old"}  # e/f's directory e itself is not durable
+    ops += [Op("fsync", 1), Op("fsync", 2), Op("fsync", 3)]
+    assert files(model.crash_state(base(), ops, len(ops))) == {"e/f": b""}
+    link = [Op("link", 3, path="d/again", dirs=(2,))]
+    assert "d/again" not in files(model.crash_state(base(), link, 1))
+    both = model.crash_state(base(), [*link, Op("fsync", 2)], 2).live()
+    assert both.names["d/again"] == both.names["d/old"] == 3
+
+
+def test_subset_mode_keeps_an_arbitrary_seeded_part_of_the_unsynced_ops() -> None:
+    ops = [Op("write", 3, offset=i, data=b"X") for i in range(3)]
+    seen = {files(model.crash_state(base(), ops, 3, "subset", s))["d/old"]
+            for s in range(64)}
+    assert {b"old", b"XXX", b"Xld", b"oXd"} <= seen
+    again = {files(model.crash_state(base(), ops, 3, "subset", s))["d/old"]
+             for s in range(64)}
+    assert again == seen  # seeded: the same subsets every time
+
+
+def test_the_digest_tells_states_apart_and_sees_hard_links() -> None:
+    a = model.crash_state(base(), [Op("link", 3, path="d/l", dirs=(2,)), Op("fsync", 2)], 2)
+    b = base()
+    b.names["d/l"], b.kind[9], b.data[9], b.mode[9] = 9, "f", b"old", 0o644
+    assert a.digest() != b.digest() != base().digest()
+    assert model.crash_state(base(), [], 0).digest() == base().digest()
+
+
+# -- the FUSE layer --------------------------------------------------------------------
+
+needs_fuse = pytest.mark.skipif(fuse_unavailable() is not None,
+                                reason=fuse_unavailable() or "")
+
+
+@pytest.fixture
+def mount(tmp_path: Path) -> Iterator[Mount]:
+    (tmp_path / "backing").mkdir()
+    (tmp_path / "backing" / "old").write_bytes(b"old")
+    with Mount(tmp_path / "backing", tmp_path / "mnt") as m:
+        yield m
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes, *, sync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@needs_fuse
+def test_power_cut_on_the_mount_drops_what_was_not_durable(mount: Mount) -> None:
+    mp = mount.mountpoint
+    ino = os.stat(mp / "old").st_ino
+    _write(mp / "synced", b"kept", sync=True)
+    _write(mp / "unsynced", b"lost", sync=False)
+    _fsync_dir(mp)
+    _write(mp / ".tmp", b"new", sync=True)
+    os.replace(mp / ".tmp", mp / "old")  # no directory fsync after it
+    (mp / "gone").write_bytes(b"x")
+    mount.fs.power_cut(mp)
+    assert sorted(os.listdir(mp)) == ["old", "synced", "unsynced"]
+    assert (mp / "old").read_bytes() == b"old"
+    assert os.stat(mp / "old").st_ino == ino  # inodes survive a cut, as on a disk
+    assert (mp / "synced").read_bytes() == b"kept"
+    assert (mp / "unsynced").read_bytes() == b""
+
+
+@needs_fuse
+def test_power_cut_kills_every_process_using_the_mount(mount: Mount) -> None:
+    mp = mount.mountpoint
+    proc = subprocess.Popen([sys.executable, "-c", "import time; f = open('held', 'w'); "
+                             "f.write('x'); f.flush(); time.sleep(600)"], cwd=mp)
+    while not (mp / "held").exists():
+        time.sleep(0.01)
+    killed = mount.fs.power_cut(mp)
+    assert proc.wait(timeout=30) == -9
+    assert proc.pid in killed
+    assert not (mp / "held").exists()
+
+
+@needs_fuse
+def test_sqlite_commits_survive_only_as_far_as_sqlite_synced_them(mount: Mount) -> None:
+    """SQLite (rollback journal, synchronous=FULL) on the mount: a committed row
+    survives the cut once the database's own name is durable, and a cut mid-transaction
+    never shows half of it."""
+    mp = mount.mountpoint
+    conn = sqlite3.connect(mp / "t.db", isolation_level=None)
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    _fsync_dir(mp)
+    mount.fs.load(mount.fs.crash_state())
+    conn = sqlite3.connect(mp / "t.db", isolation_level=None)
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(100)])
+    conn.execute("COMMIT")
+    conn.close()
+    ops = list(mount.fs.ops)
+    seen = set()
+    plain = mount.backing.parent / "plain"
+    plain.mkdir()
+    for k in range(len(ops) + 1):
+        for mode in ("sync", "all"):
+            model.materialize(mount.fs.crash_state(k, mode), plain)
+            c = sqlite3.connect(plain / "t.db")
+            seen.add(c.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+            c.close()
+    assert seen == {0, 100}
+
+
+@needs_fuse
+def test_a_directory_the_tool_creates_survives_a_power_cut(mount: Mount) -> None:
+    """Found by the sweep: a first run created the state and backup dirs with a plain
+    mkdir, so a power cut could take the journal (fsynced inside a directory whose own
+    entry was not) and the backup with them. ``make_dirs`` fsyncs each new entry."""
+    from zmonitor_migrated import fsutil
+
+    mp = mount.mountpoint
+    fsutil.make_dirs(mp / "state" / "deep")
+    fsutil.atomic_write(mp / "state" / "deep" / "journal.json", b"{}")
+    (mp / "plain").mkdir()
+    fsutil.atomic_write(mp / "plain" / "journal.json", b"{}")
+    mount.fs.power_cut(mp)
+    assert (mp / "state" / "deep" / "journal.json").read_bytes() == b"{}"
+    assert not (mp / "plain").exists()  # what a plain mkdir risks

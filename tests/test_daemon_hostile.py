@@ -325,8 +325,8 @@ def test_hostile_inbox_corpus(device: Device, shipped_bundle: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_crash_loop_breaker(device: Device, shipped_bundle: Path, slow_bundle: Path,
-                            tmp_path: Path) -> None:
+def test_crash_loop_breaker(device: Device, release_key: tuple[Path, Path],
+                            slow_bundle: Path, tmp_path: Path) -> None:
     """A bundle that kills the daemon every time it is handled (simulated with SIGKILL
     while the attempt record names it) is set aside on the third start; the valid bundle
     behind it is applied."""
@@ -335,7 +335,9 @@ def test_crash_loop_breaker(device: Device, shipped_bundle: Path, slow_bundle: P
     drop(slow_bundle, inbox, "killer.zmb")
     old = time.time() - 100
     os.utime(inbox / "killer.zmb", (old, old))
-    drop(shipped_bundle, inbox, "valid.zmb")
+    # A later release than the killer (sequence 1): a kill that lands after the killer was
+    # admitted has raised the anti-rollback floor to it, as it must.
+    drop(build_variant(tmp_path / "valid.zmb", release_key[0], 2), inbox, "valid.zmb")
 
     def attempt_count() -> int:
         try:

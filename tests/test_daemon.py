@@ -189,8 +189,14 @@ def test_daemon_inbox(device: Device, shipped_bundle: Path, tmp_path: Path,
         shutil.copyfile(b2, part2)
         os.utime(part2, (time.time() - 6, time.time() - 6))  # arrived first
         os.utime(part3, (time.time() - 5, time.time() - 5))
-        os.rename(part3, inbox / "a-seq3.zmb")
-        os.rename(part2, inbox / "z-seq2.zmb")
+        # Both appear while the daemon is stopped, so its next scan sees both (a scan
+        # between the two renames would rightly take seq 3 alone, and then refuse seq 2).
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            os.rename(part3, inbox / "a-seq3.zmb")
+            os.rename(part2, inbox / "z-seq2.zmb")
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
         d.wait_for(lambda: len(archived(device)) == 4, label="two archived")
         seqs = [r["sequence"] for r in device.history()[-2:]]
         assert seqs == [2, 3], device.history()[-2:]

@@ -120,11 +120,7 @@ def load_fixture(path: Path, dst: Path) -> None:
         conn = sqlite3.connect(dst)
         try:
             if head == b"SQLite format 3\x00":
-                src = dbinfo.open_ro(path)
-                try:
-                    src.backup(conn)
-                finally:
-                    src.close()
+                dbinfo.snapshot(path, conn)
             else:
                 conn.executescript(path.read_text(encoding="utf-8"))
         finally:

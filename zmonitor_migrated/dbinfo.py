@@ -33,6 +33,22 @@ def open_ro(path: Path, *, timeout: float = 5.0) -> sqlite3.Connection:
     return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=timeout)
 
 
+def snapshot(db: Path, dst: Path | sqlite3.Connection) -> None:
+    """An online copy of ``db`` into ``dst`` (a file, or an open connection) with
+    SQLite's backup API in one step: one read snapshot, never restarted by writes to
+    ``db`` meanwhile."""
+    out = sqlite3.connect(dst) if isinstance(dst, Path) else dst
+    try:
+        src = open_ro(db)
+        try:
+            src.backup(out)
+        finally:
+            src.close()
+    finally:
+        if out is not dst:
+            out.close()
+
+
 def integrity_problems(conn: sqlite3.Connection, *, quick: bool = False,
                        limit: int = 20) -> list[str]:
     pragma = "quick_check" if quick else "integrity_check"

@@ -129,16 +129,10 @@ def _quiesce(db: Path) -> None:
 
 def _copy(db: Path, dst: Path) -> None:
     """An online snapshot of ``db`` (an empty database when there is none yet)."""
-    out = sqlite3.connect(dst)
-    try:
-        if db.is_file():
-            src = dbinfo.open_ro(db)
-            try:
-                src.backup(out)
-            finally:
-                src.close()
-    finally:
-        out.close()
+    if db.is_file():
+        dbinfo.snapshot(db, dst)
+    else:
+        sqlite3.connect(dst).close()
 
 
 def _user() -> str:

@@ -100,13 +100,7 @@ class Rehearsal:
         return Rehearsed(estimate_s=time.monotonic() - t0, snapshot_s=t_copy, grown=grown)
 
     def _take_snapshot(self) -> None:
-        src = dbinfo.open_ro(self.db)
-        dst = sqlite3.connect(self.snapshot)
-        try:
-            src.backup(dst)  # one step: one read snapshot, never restarted by app writes
-        finally:
-            dst.close()
-            src.close()
+        dbinfo.snapshot(self.db, self.snapshot)
 
     def _refusal(self, exc: MigrateError) -> PrecheckFailed:
         if isinstance(exc, Interrupted):

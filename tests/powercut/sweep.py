@@ -46,6 +46,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import yaml
+from bundle_helpers import DEVICE, SPEC, SQL_1, SQL_2, SQL_3
 
 from zmonitor_migrated import backup as backups
 from zmonitor_migrated import device_state as ds
@@ -61,19 +62,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 ROWS = 250  # patients: 3 batches of 100 in 0003
 
-SQL_1 = "CREATE TABLE patients (id INTEGER PRIMARY KEY, name TEXT NOT NULL);\n"
-SQL_2 = "ALTER TABLE patients ADD COLUMN mrn TEXT;\n"
-SQL_3 = ("-- zmonitor:batch table=patients size=100\n"
-         "UPDATE patients SET mrn = 'MRN' || id\n"
-         " WHERE rowid BETWEEN :batch_start AND :batch_end AND mrn IS NULL;\n")
-SPEC = """version: 3
-tables:
-  patients:
-    columns:
-      - {name: id, type: INTEGER, primary_key: true}
-      - {name: name, type: TEXT, nullable: false}
-      - {name: mrn, type: TEXT}
-"""
 FILES = {
     "migrations/schema/0001_create_patients.sql": SQL_1,
     "migrations/schema/0002_add_mrn.sql": SQL_2,
@@ -86,8 +74,6 @@ FILES = {
                          "  sql: SELECT COUNT(*) FROM patients WHERE mrn IS NULL\n"
                          "  expect: 0\n"),
 }
-DEVICE = "zmonitor-bedside"
-
 # The app unit: records its calls and an "active" flag outside the mount (systemd's own
 # state is not on the data partition). ``unhealthy`` makes the health gate fail.
 STUB = """#!/bin/sh

@@ -46,7 +46,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import yaml
-from bundle_helpers import DEVICE, SPEC, SQL_1, SQL_2, SQL_3
+from bundle_helpers import DEVICE, SQL_1, SQL_2, make_source
 
 from zmonitor_migrated import backup as backups
 from zmonitor_migrated import device_state as ds
@@ -62,18 +62,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 ROWS = 250  # patients: 3 batches of 100 in 0003
 
-FILES = {
-    "migrations/schema/0001_create_patients.sql": SQL_1,
-    "migrations/schema/0002_add_mrn.sql": SQL_2,
-    "migrations/data/0003_backfill_mrn.sql": SQL_3,
-    "migrations/rollback/0001_rollback.sql": "DROP TABLE patients;\n",
-    "migrations/rollback/0002_rollback.sql": "ALTER TABLE patients DROP COLUMN mrn;\n",
-    "migrations/rollback/0003_rollback.sql": "UPDATE patients SET mrn = NULL;\n",
-    "schema/database.yaml": SPEC,
-    "checks/post.yaml": ("- name: every_patient_has_an_mrn\n"
-                         "  sql: SELECT COUNT(*) FROM patients WHERE mrn IS NULL\n"
-                         "  expect: 0\n"),
-}
 # The app unit: records its calls and an "active" flag outside the mount (systemd's own
 # state is not on the data partition). ``unhealthy`` makes the health gate fail.
 STUB = """#!/bin/sh
@@ -167,13 +155,7 @@ class Rig:
         key, pub = keygen(self.out / "release.test")
         (self.out / "trusted.d").mkdir()
         shutil.copy(pub, self.out / "trusted.d" / pub.name)
-        src = self.out / "src"
-        for rel, text in FILES.items():
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            (src / rel).write_text(text)
-        (src / "bundle.yaml").write_text(yaml.safe_dump({
-            "name": "test", "app": "zmonitor", "device_types": [DEVICE],
-            "description": "power-cut sweep"}))
+        src = make_source(self.out / "src", description="power-cut sweep")
         self.bundle = self.out / "test-1.zmb"
         now = datetime.now(UTC).replace(microsecond=0)
         build(src, self.bundle, [key], 1, created=now - timedelta(days=1),

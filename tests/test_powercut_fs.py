@@ -212,3 +212,62 @@ def test_a_directory_the_tool_creates_survives_a_power_cut(mount: Mount) -> None
     mount.fs.power_cut(mp)
     assert (mp / "state" / "deep" / "journal.json").read_bytes() == b"{}"
     assert not (mp / "plain").exists()  # what a plain mkdir risks
+
+
+_WRITER = ("import sqlite3, time; c = sqlite3.connect('wal.db');"
+           " c.execute('PRAGMA journal_mode=WAL'); c.execute('CREATE TABLE t (x)');"
+           " c.execute('INSERT INTO t VALUES (1)'); c.commit();"
+           " print('committed', flush=True); time.sleep(600)")
+_WAL_ON_THE_MOUNT = f"""
+import sqlite3, subprocess, sys
+from pathlib import Path
+from powercut.fs import Mount
+
+tmp = Path(sys.argv[1])
+with Mount(tmp / "backing", tmp / "mnt") as m:
+    w = subprocess.Popen([sys.executable, "-c", {_WRITER!r}], cwd=m.mountpoint,
+                         stdout=subprocess.PIPE, text=True)
+    assert w.stdout.readline() == "committed\\n"
+    m.fs.power_cut(m.mountpoint, mode="all")  # the -wal and -shm stay behind
+    uri = (m.mountpoint / "wal.db").as_uri() + "?mode=ro"
+    reader = sqlite3.connect(uri, uri=True)  # maps the -shm
+    print(reader.execute("SELECT COUNT(*) FROM t").fetchone()[0], flush=True)
+    reader.close()
+print("unmounted", flush=True)
+"""
+
+
+def _abort_fuse_under(path: Path) -> None:
+    """Free a hung mount: abort its FUSE connection (found by the mount's device)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[4] == str(path):
+                minor = parts[2].split(":")[1]
+                with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as a:
+                    a.write("1")
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+@needs_fuse
+def test_the_caller_may_map_a_wal_database_on_the_mount(tmp_path: Path) -> None:
+    """With the server in the caller's own process, closing a WAL database (whose
+    ``-shm`` SQLite maps) wrote the mapping back through a server that was waiting for
+    the caller's memory-map lock: both hung for ever, unkillable. The server now runs
+    apart; the caller here does just that and must get through."""
+    (tmp_path / "backing").mkdir()
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}"}
+    proc = subprocess.Popen([sys.executable, "-c", _WAL_ON_THE_MOUNT, str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        _abort_fuse_under(tmp_path / "mnt")  # before the kill: a D-state process ignores it
+        proc.kill()
+        proc.communicate(timeout=60)
+        pytest.fail("closing a WAL database on the mount hung the caller")
+    assert proc.returncode == 0, err
+    assert out.split() == ["1", "unmounted"]
+

@@ -11,7 +11,14 @@ log starts again from there.
 
     with Mount(backing, mountpoint) as m:
         ...  # run a process on the mountpoint
-        m.fs.power_cut()  # or: m.fs.load(state) for a state computed from m.fs.ops
+        m.fs.power_cut(mountpoint)  # or: m.fs.load(state) for a state from m.fs.ops
+
+The server runs in a process of its own, never in the caller's. A process that maps a
+file of the mount (SQLite maps a WAL database's ``-shm``) writes the mapping back through
+the server when it unmaps it, holding its own memory-map lock; a server thread in that
+same process then waits for that lock and neither ever returns (state D, unkillable; only
+``/sys/fs/fuse/connections/N/abort`` frees it). With the server apart, the caller may
+open anything on the mount, WAL databases included.
 
 The kernel caches nothing (entry, attribute and negative timeouts are 0; no page cache
 kept across opens), so a reloaded state is what every later call sees.
@@ -20,13 +27,16 @@ kept across opens), so a reloaded state is what every later call sees.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
+import multiprocessing
 import os
 import signal
 import stat
 import subprocess
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -115,13 +125,6 @@ class CutFS:
         with self.mutex:
             ops = list(self.ops)
         return model.crash_state(self.base, ops, len(ops) if k is None else k, mode, seed)
-
-    def power_cut(self, mountpoint: Path, mode: str = "sync", seed: int = 0) -> list[int]:
-        """SIGKILL every process using the mount, then keep only what the cut may leave.
-        Returns the pids killed."""
-        killed = kill_users(mountpoint)
-        self.load(self.crash_state(mode=mode, seed=seed))
-        return killed
 
     # -- FUSE operations ---------------------------------------------------------------
     def _stat(self, s: os.stat_result, ino: int) -> dict[str, Any]:
@@ -306,11 +309,11 @@ class CutFS:
             config.negative_timeout = 0.0
 
 
-def kill_users(mountpoint: Path) -> list[int]:
-    """SIGKILL every process with its cwd, root, an open file or a mapping under the
-    mount (what a power cut does to them), and wait until they are gone."""
+def kill_users(mountpoint: Path, spare: set[int]) -> list[int]:
+    """SIGKILL every process but ``spare`` with its cwd, root, an open file or a mapping
+    under the mount (what a power cut does to them), and wait until they are gone."""
     mp = os.path.realpath(mountpoint)
-    mine = {os.getpid()}
+    mine = {os.getpid(), *spare}
     victims = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in mine:
@@ -345,52 +348,131 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def _serve(backing: str, mountpoint: str, conn: Connection) -> None:
+    """The server process: FUSE in a thread, the caller's commands on ``conn``."""
+    import mfusepy
+
+    fs = CutFS(Path(backing))
+    failed: list[BaseException] = []
+
+    def fuse() -> None:
+        try:
+            mfusepy.FUSE(fs, mountpoint, foreground=True, use_ino=True, hard_remove=True,
+                         fsname="cutfs")
+        except BaseException as exc:
+            failed.append(exc)
+
+    threading.Thread(target=fuse, name="cutfs", daemon=True).start()
+    for _ in range(1000):
+        if os.path.ismount(mountpoint) or failed:
+            break
+        time.sleep(0.01)
+    conn.send(("up", None) if os.path.ismount(mountpoint) else
+              ("err", f"FUSE mount at {mountpoint} did not come up: {failed}"))
+    while True:
+        try:
+            cmd, args = conn.recv()
+        except (EOFError, OSError):
+            return  # the caller is gone; its Mount unmounts, or the kernel on our exit
+        if cmd == "stop":
+            return
+        try:
+            if cmd == "attr":  # a copy taken while no FUSE call is changing it
+                with fs.mutex:
+                    value = copy.copy(getattr(fs, str(args[0])))
+            else:
+                value = getattr(fs, cmd)(*args)
+            conn.send(("ok", value))
+        except Exception as exc:  # the caller raises it
+            conn.send(("err", f"{cmd}: {type(exc).__name__}: {exc}"))
+
+
+class RemoteFS:
+    """The caller's handle on the server's ``CutFS``: its op log, baseline and states."""
+
+    def __init__(self, conn: Connection, pid: int) -> None:
+        self.conn, self.pid = conn, pid
+
+    def _call(self, cmd: str, *args: object) -> Any:
+        self.conn.send((cmd, args))
+        if not self.conn.poll(300):
+            raise RuntimeError(f"the FUSE server (pid {self.pid}) did not answer {cmd}")
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"the FUSE server failed: {value}")
+        return value
+
+    @property
+    def ops(self) -> list[Op]:
+        return self._call("attr", "ops")
+
+    @property
+    def base(self) -> State:
+        return self._call("attr", "base")
+
+    def load(self, state: State) -> None:
+        """Make ``state`` the backing tree and the new baseline of the log."""
+        self._call("load", state)
+
+    def crash_state(self, k: int | None = None, mode: str = "sync", seed: int = 0) -> State:
+        return self._call("crash_state", k, mode, seed)
+
+    def power_cut(self, mountpoint: Path, mode: str = "sync", seed: int = 0) -> list[int]:
+        """SIGKILL every process using the mount, then keep only what the cut may leave.
+        Returns the pids killed."""
+        killed = kill_users(mountpoint, {self.pid})
+        self.load(self.crash_state(mode=mode, seed=seed))
+        return killed
+
+
 class Mount:
-    """``CutFS`` over ``backing`` mounted at ``mountpoint`` by a thread of this process;
-    unmounted on exit."""
+    """``CutFS`` over ``backing`` mounted at ``mountpoint`` by a server process of its
+    own (see the module's docstring for why); unmounted on exit."""
 
     def __init__(self, backing: Path, mountpoint: Path) -> None:
         self.backing, self.mountpoint = backing, mountpoint
-        self.fs = CutFS(backing)
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.fs: RemoteFS
 
     def __enter__(self) -> Mount:
-        import mfusepy
-
         self.mountpoint.mkdir(parents=True, exist_ok=True)
+        ctx = multiprocessing.get_context("spawn")  # no fork of this process's threads
+        mine, theirs = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, name="cutfs", daemon=True,
+                                args=(str(self.backing), str(self.mountpoint), theirs))
+        self.proc.start()
+        theirs.close()
+        if not mine.poll(60):
+            self.__exit__()
+            raise RuntimeError(f"FUSE server for {self.mountpoint} did not start")
+        status, value = mine.recv()
+        self.fs = RemoteFS(mine, self.proc.pid or 0)
+        if status != "up":
+            self.__exit__()
+            raise RuntimeError(value)
+        return self
 
-        def serve() -> None:
-            try:
-                mfusepy.FUSE(self.fs, str(self.mountpoint), foreground=True,
-                             use_ino=True, hard_remove=True, fsname="cutfs")
-            except BaseException as exc:
-                self.error = exc
-
-        self.thread = threading.Thread(target=serve, name="cutfs", daemon=True)
-        self.thread.start()
-        for _ in range(1000):
-            if os.path.ismount(self.mountpoint):
-                return self
-            if not self.thread.is_alive():
-                break
-            time.sleep(0.01)
-        raise RuntimeError(f"FUSE mount at {self.mountpoint} did not come up: {self.error}")
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
 
     def remount(self) -> None:
-        """A new server for the same tree (after the old one died), log kept."""
-        old = self.fs
+        """A new server for the same tree (after the old one died); the caller loads the
+        state it wants next."""
         self.__exit__()
-        fs = CutFS(self.backing)
-        fs.ops, fs.base, fs.next_ino = old.ops, old.base, old.next_ino
-        self.fs = fs
         self.__enter__()
 
     def __exit__(self, *exc: object) -> None:
-        kill_users(self.mountpoint)
+        pid = self.proc.pid if self.proc is not None else None
+        kill_users(self.mountpoint, {pid} if pid else set())
         subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False,
                        capture_output=True)
-        if self.thread is not None:
-            self.thread.join(timeout=10)
         if os.path.ismount(self.mountpoint):
             subprocess.run(["umount", "-l", str(self.mountpoint)], check=False)
+        if self.proc is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                self.fs.conn.send(("stop", ()))
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(timeout=10)
+            self.proc = None

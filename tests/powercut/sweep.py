@@ -82,18 +82,16 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-# The monitor's database is in WAL mode, but SQLite maps the WAL index (-shm) with a
-# shared mmap, and on this FUSE mount a process killed by the cut can hang in the
-# kernel for ever writing those pages back (D state, fuse_vma_close; seen on 6.18). So
-# the sweep runs on a rollback-journal database by default; ZMONITOR_POWERCUT_WAL=1
-# gives the WAL database for a run by hand (see tests/powercut/RESULTS.md).
-WAL = os.environ.get("ZMONITOR_POWERCUT_WAL") == "1"
+JOURNAL_MODES = ("wal", "delete")
 
 
-def make_db(path: Path) -> None:
+def make_db(path: Path, journal_mode: str = "wal") -> None:
+    """The monitor's database is in WAL mode; ``delete`` (a rollback journal) is the
+    other way SQLite commits, and the copy-then-swap must hold for both."""
+    if journal_mode not in JOURNAL_MODES:
+        raise ValueError(f"journal mode {journal_mode!r}: one of {JOURNAL_MODES}")
     conn = sqlite3.connect(path)
-    if WAL:
-        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA journal_mode={journal_mode}")
     with conn:
         conn.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at "
                      "TEXT NOT NULL, description TEXT, migration_type TEXT, file_hash TEXT, "
@@ -138,6 +136,7 @@ class Rig:
     config, keys, app stub and run dir (a tmpfs on the device) outside it."""
 
     tmp: Path
+    journal_mode: str = "wal"
     backing: Path = field(init=False)
     mnt: Path = field(init=False)
     out: Path = field(init=False)
@@ -151,7 +150,7 @@ class Rig:
         for d in (self.backing, self.mnt, self.out):
             d.mkdir(parents=True)
         (self.backing / "data").mkdir()
-        make_db(self.backing / "data" / "zmonitor.db")
+        make_db(self.backing / "data" / "zmonitor.db", self.journal_mode)
         key, pub = keygen(self.out / "release.test")
         (self.out / "trusted.d").mkdir()
         shutil.copy(pub, self.out / "trusted.d" / pub.name)
@@ -498,11 +497,12 @@ FLOWS = ("apply", "health-gate-restore", "operator-restore", "recover-cut", "dae
 
 
 def sweep(tmp: Path, flows: list[str], *, subsets: int = 2, seed: int = 1, sample: int = 0,
-          cuts: range | None = None, log: Callable[[str], None] = print) -> dict[str, Tally]:
+          cuts: range | None = None, journal_mode: str = "wal",
+          log: Callable[[str], None] = print) -> dict[str, Tally]:
     """Record each flow, check its crash states (all of them, or ``sample`` per flow)."""
     rng = random.Random(seed)
     tallies: dict[str, Tally] = {}
-    rig = Rig(tmp)
+    rig = Rig(tmp, journal_mode)
     with Mount(rig.backing, rig.mnt) as m:
         start = model.scan(rig.backing)
         # The apply recording also gives the migrated content the others compare with.
@@ -594,13 +594,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sample", type=int, default=0, help="states per flow (0: all)")
     ap.add_argument("--cuts", help="only cut points A:B (a debugging aid)")
+    ap.add_argument("--journal-mode", choices=JOURNAL_MODES, default="wal",
+                    help="the database's journal mode (the monitor's is wal)")
     ap.add_argument("--json", type=Path, help="write the tallies here")
     args = ap.parse_args(argv)
     flows = list(FLOWS) if args.flows == "all" else args.flows.split(",")
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="powercut-") as tmp:
         tallies = sweep(Path(tmp), flows, subsets=args.subsets, seed=args.seed,
-                        sample=args.sample,
+                        sample=args.sample, journal_mode=args.journal_mode,
                         cuts=range(*map(int, args.cuts.split(":"))) if args.cuts else None)
     total = sum(t.states for t in tallies.values())
     lost = sum(t.rows_lost for t in tallies.values())

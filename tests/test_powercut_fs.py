@@ -271,3 +271,15 @@ def test_the_caller_may_map_a_wal_database_on_the_mount(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert out.split() == ["1", "unmounted"]
 
+
+@needs_fuse
+def test_the_first_history_record_survives_a_power_cut(mount: Mount) -> None:
+    """The history's first line creates the file: its name must be fsynced into the
+    state dir too, or a cut takes the run's record (and every later one) with it."""
+    from zmonitor_migrated import history
+
+    mp = mount.mountpoint
+    history.append(mp / "state" / "history.jsonl", {"run_id": "r1", "outcome": "applied"})
+    history.append(mp / "state" / "history.jsonl", {"run_id": "r2", "outcome": "applied"})
+    mount.fs.power_cut(mp)
+    assert [r["run_id"] for r in history.read(mp / "state" / "history.jsonl")] == ["r1", "r2"]

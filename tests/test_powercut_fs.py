@@ -95,6 +95,28 @@ def test_subset_mode_keeps_an_arbitrary_seeded_part_of_the_unsynced_ops() -> Non
     assert again == seen  # seeded: the same subsets every time
 
 
+def test_torn_mode_keeps_an_unsynced_write_sector_by_sector() -> None:
+    """A 3-sector write the cut caught half-way: any sector may be on disk without the
+    others (past a lost one, a hole of zeros); a synced write is never torn."""
+    n = model.SECTOR
+    ops = [Op("write", 3, offset=0, data=b"A" * n + b"B" * n + b"C" * n)]
+    seen = {files(model.crash_state(base(), ops, 1, "torn", s))["d/old"]
+            for s in range(64)}
+    assert b"old" in seen and b"A" * n + b"B" * n + b"C" * n in seen
+    assert b"A" * n + b"\0" * n + b"C" * n in seen  # the middle sector lost
+    assert b"old" + b"\0" * (n - 3) + b"B" * n in seen  # only the middle one kept
+    assert all(len(v) in (3, n, 2 * n, 3 * n) for v in seen)
+    synced = [*ops, Op("fsync", 3)]
+    assert {files(model.crash_state(base(), synced, 2, "torn", s))["d/old"]
+            for s in range(16)} == {b"A" * n + b"B" * n + b"C" * n}
+
+
+def test_sectors_split_a_write_at_the_file_s_sector_boundaries() -> None:
+    n = model.SECTOR
+    pieces = model.sectors(Op("write", 3, offset=n - 2, data=b"x" * (n + 4)))
+    assert [(p.offset, len(p.data)) for p in pieces] == [(n - 2, 2), (n, n), (2 * n, 2)]
+
+
 def test_the_digest_tells_states_apart_and_sees_hard_links() -> None:
     a = model.crash_state(base(), [Op("link", 3, path="d/l", dirs=(2,)), Op("fsync", 2)], 2)
     b = base()

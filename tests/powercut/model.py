@@ -14,7 +14,10 @@ Modes of a cut:
 - ``sync``: only the durable ops (the harshest state; it changes only at an fsync);
 - ``all``: every op up to k (what a SIGKILL leaves: the page cache survives);
 - ``subset``: the durable ops plus a seeded arbitrary subset of the others, applied in
-  log order (the page cache written back in any order, directory updates reordered).
+  log order (the page cache written back in any order, directory updates reordered);
+- ``torn``: as ``subset``, but an unsynced write is kept sector by sector (``SECTOR``
+  bytes, each kept or not): a write the cut caught half-way through the disk, with a
+  hole of zeros where a kept sector lies past a lost one.
 
 A state is rebuilt from the baseline (the tree when recording began) by applying the
 kept ops by inode, so a ``link`` whose source ``create`` was dropped still binds its
@@ -35,6 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DATA_OPS = frozenset({"write", "trunc", "chmod"})
+MODES = ("sync", "all", "subset", "torn")
+# The unit a disk writes whole; 512 is the smallest a disk reports and so the most
+# torn (SQLite itself assumes no more).
+SECTOR = 512
 NAME_OPS = frozenset({"create", "mkdir", "link", "unlink", "rmdir", "rename"})
 
 
@@ -209,7 +216,7 @@ def apply_op(state: State, op: Op) -> None:
 def crash_state(base: State, ops: list[Op], k: int, mode: str = "sync", seed: int = 0,
                 durable: list[int] | None = None) -> State:
     """The tree a power cut before ``ops[k]`` may leave (see the module docstring)."""
-    if mode not in ("sync", "all", "subset"):
+    if mode not in MODES:
         raise ValueError(mode)
     durable = durable if durable is not None else durable_after(ops)
     rng = random.Random(seed)
@@ -226,10 +233,28 @@ def crash_state(base: State, ops: list[Op], k: int, mode: str = "sync", seed: in
         op = ops[i]
         if op.kind == "fsync":
             continue
-        keep = mode == "all" or durable[i] < k or (mode == "subset" and rng.random() < 0.5)
-        if keep:
+        if mode == "all" or durable[i] < k:
+            apply_op(state, op)
+        elif mode == "torn" and op.kind == "write":
+            for piece in sectors(op):
+                if rng.random() < 0.5:
+                    apply_op(state, piece)
+        elif mode in ("subset", "torn") and rng.random() < 0.5:
             apply_op(state, op)
     return state
+
+
+def sectors(op: Op) -> list[Op]:
+    """A write split at ``SECTOR`` boundaries of the file."""
+    out = []
+    start = op.offset
+    end = op.offset + len(op.data)
+    while start < end:
+        stop = min(end, (start // SECTOR + 1) * SECTOR)
+        out.append(Op("write", op.ino, offset=start,
+                      data=op.data[start - op.offset:stop - op.offset]))
+        start = stop
+    return out
 
 
 def unsynced_count(ops: list[Op], k: int, durable: list[int]) -> int:

@@ -6,9 +6,10 @@ ALICE-style: the flow (``apply``, a restore after a failed health gate, an opera
 runs once on ``fs.CutFS``, which logs every durability-relevant call. For each cut point
 k (before op k, for every k) the states a power cut may leave are computed
 (``model.crash_state``: only the durable ops; every op; seeded arbitrary subsets of the
-unsynced ones), deduplicated by content, loaded into the same mount (same paths, same
-inode numbers) and checked in a fresh process (``check.py``): ``recover``, ``recover``
-again, the app's start gate, ``status``. Invariants, after every state:
+unsynced ones; seeded subsets with unsynced writes torn at sectors), deduplicated by
+content, loaded into the same mount (same paths, same inode numbers) and checked in a
+fresh process (``check.py``): ``recover``, ``recover`` again, the app's start gate,
+``status``. Invariants, after every state:
 
 - the database is the old content or the fully migrated one, row by row;
 - ``recover`` exits 0 and leaves the journal closed (or absent) and the app started, or
@@ -21,7 +22,7 @@ again, the app's start gate, ``status``. Invariants, after every state:
 
 Full sweep (by hand, figures in tests/powercut/RESULTS.md)::
 
-    sudo PYTHONPATH=$PWD:$PWD/tests python3 -m powercut.sweep --flows all --subsets 3
+    sudo PYTHONPATH=$PWD:$PWD/tests python3 -m powercut.sweep --flows all
 
 The CI sample is ``tests/test_powercut_sweep.py`` (a seeded sample of the same states).
 """
@@ -460,10 +461,11 @@ def _check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
 
 # -- the sweep -------------------------------------------------------------------------
 
-def states_of(rec: Recording, subsets: int, seed: int,
-              cuts: range | None = None) -> list[tuple[str, State]]:
+def states_of(rec: Recording, subsets: int, seed: int, cuts: range | None = None,
+              torn: int = 0) -> list[tuple[str, State]]:
     """Every distinct crash state of the recording: per cut point, the durable ops only,
-    every op, and ``subsets`` seeded subsets of the unsynced ones."""
+    every op, ``subsets`` seeded subsets of the unsynced ones and ``torn`` more with the
+    unsynced writes torn at sectors."""
     durable = model.durable_after(rec.ops)
     seen: set[str] = set()
     out: list[tuple[str, State]] = []
@@ -473,6 +475,8 @@ def states_of(rec: Recording, subsets: int, seed: int,
         modes = [("sync", 0), ("all", 0)]
         if model.unsynced_count(rec.ops, k, durable) > 1:
             modes += [("subset", seed * 1_000_003 + k * 101 + s) for s in range(subsets)]
+        if model.unsynced_count(rec.ops, k, durable) > 0:
+            modes += [("torn", seed * 1_000_003 + k * 101 + 50 + s) for s in range(torn)]
         for mode, s in modes:
             st = model.crash_state(rec.base, rec.ops, k, mode, s, durable)
             d = st.digest()
@@ -480,7 +484,7 @@ def states_of(rec: Recording, subsets: int, seed: int,
                 continue
             seen.add(d)
             out.append((f"{rec.flow} k={k}/{len(rec.ops)} {mode}"
-                        + (f" seed={s}" if mode == "subset" else ""), st))
+                        + (f" seed={s}" if mode in ("subset", "torn") else ""), st))
     return out
 
 
@@ -496,7 +500,8 @@ def pick(states: list[tuple[str, State]], sample: int,
 FLOWS = ("apply", "health-gate-restore", "operator-restore", "recover-cut", "daemon")
 
 
-def sweep(tmp: Path, flows: list[str], *, subsets: int = 2, seed: int = 1, sample: int = 0,
+def sweep(tmp: Path, flows: list[str], *, subsets: int = 2, torn: int = 1, seed: int = 1,
+          sample: int = 0,
           cuts: range | None = None, journal_mode: str = "wal",
           log: Callable[[str], None] = print) -> dict[str, Tally]:
     """Record each flow, check its crash states (all of them, or ``sample`` per flow)."""
@@ -529,14 +534,15 @@ def sweep(tmp: Path, flows: list[str], *, subsets: int = 2, seed: int = 1, sampl
                 raise ValueError(flow)
             tally = tallies.setdefault(flow, Tally())
             if rec is not None:
-                states = states_of(rec, subsets, seed, cuts)
+                states = states_of(rec, subsets, seed, cuts, torn)
                 tally.ops, tally.cut_points = len(rec.ops), len(rec.ops) + 1
                 if sample and len(states) > sample:
                     states = pick(states, sample, rng)
                 for label, st in states:
                     check_state(rig, m, rec, st, label, tally)
             else:
-                _sweep_recover_cut(rig, m, rec_apply, subsets, seed, sample, rng, tally)
+                _sweep_recover_cut(rig, m, rec_apply, (subsets, torn), seed, sample, rng,
+                                   tally)
             log(f"{flow}: {tally.states} states from {tally.cut_points} cut points "
                 f"({tally.ops} ops) in {time.monotonic() - t0:.0f} s; db {dict(tally.db)}; "
                 f"{dict(tally.outcomes)}; rows lost {tally.rows_lost}; failures "
@@ -548,8 +554,8 @@ def sweep(tmp: Path, flows: list[str], *, subsets: int = 2, seed: int = 1, sampl
     return tallies
 
 
-def _sweep_recover_cut(rig: Rig, m: Mount, rec_apply: Recording, subsets: int, seed: int,
-                       sample: int, rng: random.Random, tally: Tally) -> None:
+def _sweep_recover_cut(rig: Rig, m: Mount, rec_apply: Recording, subsets: tuple[int, int],
+                       seed: int, sample: int, rng: random.Random, tally: Tally) -> None:
     """A cut during ``apply`` that leaves recovery work (an open journal after the stop),
     then ``recover`` recorded from there and cut at every point of its own."""
     durable = model.durable_after(rec_apply.ops)
@@ -577,7 +583,7 @@ def _sweep_recover_cut(rig: Rig, m: Mount, rec_apply: Recording, subsets: int, s
         p = rig.cli("recover")
         rec = Recording(f"recover-cut[{i}]", base, list(m.fs.ops), rec_apply.old_rows,
                         rec_apply.new_rows, rec_apply.floor_before, f"exit {p.returncode}")
-        states = states_of(rec, subsets, seed)
+        states = states_of(rec, subsets[0], seed, torn=subsets[1])
         tally.ops += len(rec.ops)
         tally.cut_points += len(rec.ops) + 1
         if sample:
@@ -591,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flows", default="all", help=f"comma list of {', '.join(FLOWS)}")
     ap.add_argument("--subsets", type=int, default=2,
                     help="seeded subsets of the unsynced ops per cut point")
+    ap.add_argument("--torn", type=int, default=1,
+                    help="seeded subsets with torn writes per cut point")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sample", type=int, default=0, help="states per flow (0: all)")
     ap.add_argument("--cuts", help="only cut points A:B (a debugging aid)")
@@ -601,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     flows = list(FLOWS) if args.flows == "all" else args.flows.split(",")
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="powercut-") as tmp:
-        tallies = sweep(Path(tmp), flows, subsets=args.subsets, seed=args.seed,
+        tallies = sweep(Path(tmp), flows, subsets=args.subsets, torn=args.torn,
+                        seed=args.seed,
                         sample=args.sample, journal_mode=args.journal_mode,
                         cuts=range(*map(int, args.cuts.split(":"))) if args.cuts else None)
     total = sum(t.states for t in tallies.values())

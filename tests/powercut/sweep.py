@@ -448,15 +448,31 @@ def _check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
                                 f"{actual[:12]})")
     except (ValueError, OSError) as exc:
         problems.append(f"status unusable: exit {status['code']} {exc} {status['err'][-300:]}")
-    # The daemon's bundle: never lost while the database is still the old one.
-    if rec.flow == "daemon" and content == "old":
-        want = hashlib.sha256(rig.bundle.read_bytes()).hexdigest()
-        found = [p for p in rig.mnt.rglob("*.zmb*") if p.is_file()
-                 and hashlib.sha256(p.read_bytes()).hexdigest() == want]
-        if not found:
-            problems.append("the bundle is gone from the inbox and the database is old")
+    if rec.flow == "daemon":
+        problems += _bundle_problems(rig, rec, content, tally)
     if problems:
         tally.failures.append(f"{label}: " + "; ".join(problems))
+
+
+def _bundle_problems(rig: Rig, rec: Recording, content: str | None,
+                     tally: Tally) -> list[str]:
+    """The daemon's bundle is never lost while the database is still the old one, and
+    never applied twice: one the cut left in the inbox beside a migrated database
+    changes nothing when it is taken again (as the restarted daemon would)."""
+    want = hashlib.sha256(rig.bundle.read_bytes()).hexdigest()
+    found = [p for p in rig.mnt.rglob("*.zmb*") if p.is_file()
+             and hashlib.sha256(p.read_bytes()).hexdigest() == want]
+    if content == "old" and not found:
+        return ["the bundle is gone from the inbox and the database is old"]
+    again = [p for p in found if p.parent == rig.mnt / "inbox"]
+    if content != "new" or not again:
+        return []
+    tally.outcomes["bundle-taken-again"] += 1
+    p = rig.cli("apply", str(again[0]))
+    if p.returncode != 0 or table_rows(rig.db) != rec.new_rows:
+        return [f"the bundle left in the inbox, taken again, changed the migrated database "
+                f"(exit {p.returncode}): {p.stderr[-300:]}"]
+    return []
 
 
 # -- the sweep -------------------------------------------------------------------------

@@ -29,11 +29,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
-import multiprocessing
 import os
 import signal
+import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -427,33 +428,38 @@ class RemoteFS:
 
 class Mount:
     """``CutFS`` over ``backing`` mounted at ``mountpoint`` by a server process of its
-    own (see the module's docstring for why); unmounted on exit."""
+    own (``python -m powercut.fs``; see the module's docstring for why); unmounted on
+    exit."""
 
     def __init__(self, backing: Path, mountpoint: Path) -> None:
         self.backing, self.mountpoint = backing, mountpoint
-        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.fs: RemoteFS
 
     def __enter__(self) -> Mount:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        ctx = multiprocessing.get_context("spawn")  # no fork of this process's threads
-        mine, theirs = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, name="cutfs", daemon=True,
-                                args=(str(self.backing), str(self.mountpoint), theirs))
-        self.proc.start()
+        mine, theirs = socket.socketpair()
+        # The caller's import path, so the server imports this very module.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "powercut.fs", str(self.backing),
+                                      str(self.mountpoint), str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
-        if not mine.poll(60):
-            self.__exit__()
-            raise RuntimeError(f"FUSE server for {self.mountpoint} did not start")
-        status, value = mine.recv()
-        self.fs = RemoteFS(mine, self.proc.pid or 0)
+        conn = Connection(mine.detach())
+        self.fs = RemoteFS(conn, self.proc.pid)
+        try:
+            if not conn.poll(60):
+                raise RuntimeError(f"FUSE server for {self.mountpoint} did not start")
+            status, value = conn.recv()
+        except EOFError:
+            status, value = "err", f"FUSE server for {self.mountpoint} exited at start"
         if status != "up":
             self.__exit__()
             raise RuntimeError(value)
         return self
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.is_alive()
+        return self.proc is not None and self.proc.poll() is None
 
     def remount(self) -> None:
         """A new server for the same tree (after the old one died); the caller loads the
@@ -469,10 +475,16 @@ class Mount:
         if os.path.ismount(self.mountpoint):
             subprocess.run(["umount", "-l", str(self.mountpoint)], check=False)
         if self.proc is not None:
-            with contextlib.suppress(OSError, AttributeError):
+            with contextlib.suppress(OSError):
                 self.fs.conn.send(("stop", ()))
-            self.proc.join(timeout=10)
-            if self.proc.is_alive():
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.join(timeout=10)
+                self.proc.wait(timeout=10)
+            self.fs.conn.close()
             self.proc = None
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], sys.argv[2], Connection(int(sys.argv[3])))

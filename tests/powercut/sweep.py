@@ -409,6 +409,12 @@ def _check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
         elif rows == rec.new_rows:
             tally.db["new"] += 1
             content = "new"
+        elif {**rows, "header": None} in ({**rec.old_rows, "header": None},
+                                          {**(rec.new_rows or {}), "header": None}):
+            tally.db["wrong-journal-mode"] += 1
+            problems.append(f"the database's rows are intact but its header says journal "
+                            f"mode {rows['header']} (1,1 rollback journal; 2,2 WAL), not "
+                            f"the one it had")
         else:
             tally.db["mixed"] += 1
             tally.rows_lost += 1

@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -56,7 +57,7 @@ from zmonitor_migrated.journal import Journal
 from zmonitor_migrated.keys import keygen
 
 from . import model
-from .fs import Mount
+from .fs import Mount, fuse_unavailable
 from .model import Op, State
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -629,6 +630,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the tallies here")
     args = ap.parse_args(argv)
     flows = list(FLOWS) if args.flows == "all" else args.flows.split(",")
+    unknown = [f for f in flows if f not in FLOWS]
+    if unknown:
+        ap.error(f"--flows: unknown flow {', '.join(unknown)}; one of all, {', '.join(FLOWS)}")
+    if min(args.subsets, args.torn, args.sample) < 0:
+        ap.error("--subsets, --torn and --sample count states: 0 or more")
+    if args.cuts and not re.fullmatch(r"\d+:\d+", args.cuts):
+        ap.error(f"--cuts {args.cuts!r}: A:B, two cut points (e.g. 250:290)")
+    why = fuse_unavailable()
+    if why:
+        print(f"powercut.sweep: {why}", file=sys.stderr)
+        return 2
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="powercut-") as tmp:
         tallies = sweep(Path(tmp), flows, subsets=args.subsets, torn=args.torn,

@@ -305,3 +305,41 @@ def test_the_first_history_record_survives_a_power_cut(mount: Mount) -> None:
     history.append(mp / "state" / "history.jsonl", {"run_id": "r2", "outcome": "applied"})
     mount.fs.power_cut(mp)
     assert [r["run_id"] for r in history.read(mp / "state" / "history.jsonl")] == ["r1", "r2"]
+
+
+@needs_fuse
+def test_a_discarded_backup_never_outlives_its_checksum(mount: Mount) -> None:
+    """Found by the sweep (``recover`` cut while it runs): undoing a run removed the
+    backup link and its checksum with no directory fsync between them, so a cut could
+    keep the checksum's removal and drop the backup's. ``status`` then listed a backup
+    nothing could verify, and a hard link to the live file at that. Now the backups go
+    durably first: every crash state of the removal lists no backup without its
+    checksum."""
+    from zmonitor_migrated import backup, fsutil, swap
+    from zmonitor_migrated.journal import Journal
+
+    mp = mount.mountpoint
+    db, bdir = mp / "data" / "zmonitor.db", mp / "backups"
+    fsutil.make_dirs(db.parent)
+    fsutil.make_dirs(bdir)
+    _write(db, b"SQLite format 3\0" + b"x" * 4000, sync=True)
+    _fsync_dir(db.parent)
+    bk = bdir / backup.backup_name(db, 2)
+    os.link(db, bk)
+    _fsync_dir(bdir)
+    backup.write_checksum(bk, "0" * 64)
+    mount.fs.load(mount.fs.crash_state())  # all of it durable: the baseline
+    swap.discard(db, bdir, Journal.create(mount.backing.parent / "journal.json"))
+    ops = list(mount.fs.ops)
+    assert [op.kind for op in ops if op.kind == "unlink"] == ["unlink", "unlink"]
+    plain = mount.backing.parent / "plain"
+    plain.mkdir()
+    states = 0
+    for k in range(len(ops) + 1):
+        for mode, seed in [("sync", 0), ("all", 0), *(("subset", s) for s in range(32))]:
+            model.materialize(mount.fs.crash_state(k, mode, seed), plain)
+            for b in backup.list_backups(plain / "data" / "zmonitor.db", plain / "backups"):
+                assert backup.checksum_path(b).exists(), (k, mode, seed)
+            states += 1
+    assert states == (len(ops) + 1) * 34
+    assert backup.list_backups(db, bdir) == []

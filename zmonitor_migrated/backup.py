@@ -218,12 +218,24 @@ def _link_sides(db: Path, kept: Path) -> None:
     fsutil.fsync_dir(kept.parent)
 
 
+def remove(doomed: list[Path]) -> None:
+    """Remove backups and their checksums, the backups durably first: a power cut may
+    then leave a checksum without its backup (ignored), never a listed backup without
+    its checksum (which nothing could verify, so no restore would take it)."""
+    for b in doomed:
+        fsutil.remove(b)
+    for directory in {b.parent for b in doomed}:
+        fsutil.fsync_dir(directory)
+    for b in doomed:
+        fsutil.remove(checksum_path(b))
+    for directory in {b.parent for b in doomed}:
+        fsutil.fsync_dir(directory)
+
+
 def prune(db: Path, backup_dir: Path, keep: int, protect: set[Path]) -> list[Path]:
     backups = list_backups(db, backup_dir)
     doomed = [b for b in backups[:-keep] if b not in protect] if keep else []
-    for b in doomed:
-        fsutil.remove(b)
-        fsutil.remove(checksum_path(b))
+    remove(doomed)
     # Next to the database too: where the backup dir refused the link.
     replaced = list_replaced(db, backup_dir, db.parent)
     old = replaced[:-keep] if keep else []

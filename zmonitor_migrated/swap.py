@@ -26,6 +26,7 @@ module is where that is kept, in this order:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from dataclasses import dataclass, field
@@ -176,6 +177,10 @@ def discard(db: Path, backup_dir: Path, journal: Journal) -> None:
     if copy:
         fsutil.remove(Path(copy))
         fsutil.remove_sidecars(Path(copy))
+        # Durable before the journal closes, or a cut leaves the copy's disk space taken
+        # with nothing left to remove it.
+        with contextlib.suppress(FileNotFoundError):
+            fsutil.fsync_dir(Path(copy).parent)
     # A hard link to the live inode stops being a point-in-time copy as soon as the app
     # writes again; this run never swapped, so nothing depends on it. Look for every
     # such link, not only the journal's: a kill between link(2) and the journal write
@@ -184,11 +189,12 @@ def discard(db: Path, backup_dir: Path, journal: Journal) -> None:
         live = os.stat(db)
     except FileNotFoundError:
         return
+    linked = []
     for path in backups.list_backups(db, backup_dir):
         try:
             st = os.stat(path)
         except FileNotFoundError:
             continue
         if (st.st_ino, st.st_dev) == (live.st_ino, live.st_dev):
-            fsutil.remove(path)
-            fsutil.remove(backups.checksum_path(path))
+            linked.append(path)
+    backups.remove(linked)

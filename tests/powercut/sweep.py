@@ -523,7 +523,7 @@ def pick(states: list[tuple[str, State]], sample: int,
 FLOWS = ("apply", "health-gate-restore", "operator-restore", "recover-cut", "daemon")
 
 
-def sweep(tmp: Path, flows: list[str], *, subsets: int = 2, torn: int = 1, seed: int = 1,
+def sweep(tmp: Path, flows: list[str], *, subsets: int = 2, torn: int = 2, seed: int = 1,
           sample: int = 0,
           cuts: range | None = None, journal_mode: str = "wal",
           log: Callable[[str], None] = print) -> dict[str, Tally]:
@@ -620,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flows", default="all", help=f"comma list of {', '.join(FLOWS)}")
     ap.add_argument("--subsets", type=int, default=2,
                     help="seeded subsets of the unsynced ops per cut point")
-    ap.add_argument("--torn", type=int, default=1,
+    ap.add_argument("--torn", type=int, default=2,
                     help="seeded subsets with torn writes per cut point")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sample", type=int, default=0, help="states per flow (0: all)")

@@ -76,6 +76,15 @@ def test_write_new_never_overwrites_nor_follows_and_sets_the_exact_mode(
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_link_new_never_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "why.reason.json"
+    fsutil.link_new(target, b"first")
+    with pytest.raises(FileExistsError):
+        fsutil.link_new(target, b"second")
+    assert target.read_bytes() == b"first"
+    assert os.listdir(tmp_path) == ["why.reason.json"]
+
+
 def test_sha256_and_size(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_bytes(b"abc" * 1_000_000)

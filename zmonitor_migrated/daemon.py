@@ -72,7 +72,7 @@ from typing import Any
 from . import pipeline
 from .config import Config
 from .errors import LockHeld, MigrateError, RestoreBlocked, RestoreFailed, StopInterrupted
-from .fsutil import atomic_write, fsync_dir, make_dirs, remove_stale_temps
+from .fsutil import atomic_write, fsync_dir, link_new, make_dirs, remove_stale_temps
 from .lock import RunLock
 from .progress import NotifySink, Reporter, default_sinks, stream_is_journal
 from .recovery import recover
@@ -421,7 +421,7 @@ def keep(path: Path, dest_dir: Path, base: str, *, reason: dict[str, Any] | None
             continue
         try:
             if reason is not None:
-                _write_exclusive(reason_path, _reason_body(path.name, reason))
+                link_new(reason_path, _reason_body(path.name, reason))
         except FileExistsError:
             continue
         except OSError as exc:
@@ -454,27 +454,6 @@ def keep(path: Path, dest_dir: Path, base: str, *, reason: dict[str, Any] | None
           f"{aside}")
     return {"stored": None, "reason_file": None,
             "kept_in_inbox_as": str(aside) if aside else None}
-
-
-def _write_exclusive(path: Path, data: bytes) -> None:
-    """Write a complete, fsynced file at ``path``, which must not exist: a temp file is
-    linked into place (link(2) fails on an existing name), so no reader sees it torn."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def _rewrite_reason(reason_path: Path, name: str, reason: dict[str, Any],

@@ -5,7 +5,8 @@
   directory, fsync, ``rename(2)``, fsync the directory — a reader sees the old content or
   the new, never a torn file; on any error the temp file is removed.
 - ``write_new``: a file that must not exist yet (``O_EXCL``, no symlink followed), with
-  exactly the mode given, fsynced.
+  exactly the mode given, fsynced; ``link_new``: the same for a name other processes
+  read, written aside and linked into place so no reader sees it torn.
 - ``sha256_file`` / ``sha256_and_size``: the one loop hashing a file.
 - ``copy_durable``: streams in 1 MiB chunks (memory does not grow with the file),
   returns the sha256 of what was written, optionally fsyncs.
@@ -155,6 +156,26 @@ def write_new(path: Path, data: bytes, mode: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def link_new(path: Path, data: bytes) -> None:
+    """Create ``path``, which must not exist (FileExistsError), holding ``data``, fsynced
+    and never seen torn: a temp file is written, then linked into place (``link(2)``
+    fails on an existing name). The caller fsyncs the directory."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 _TEMP = re.compile(r"^\..+\.tmp-(\d+)\Z")

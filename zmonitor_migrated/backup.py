@@ -26,6 +26,7 @@ import errno
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -152,9 +153,7 @@ def restore(backup: Path, db: Path, expected: str | None = None, *,
                                 "failing? nothing was overwritten")
         if db.exists():
             fsutil.copy_owner(db, tmp)
-        fsutil.remove_sidecars(db)
-        os.replace(tmp, db)
-        fsutil.fsync_dir(db.parent)
+        fsutil.rename_over_database(tmp, db)
     except OSError as exc:
         fsutil.remove(tmp)
         raise RestoreFailed(f"restoring {backup} over {db} failed: {exc}; every file was "
@@ -218,16 +217,21 @@ def _link_sides(db: Path, kept: Path) -> None:
     fsutil.fsync_dir(kept.parent)
 
 
-def remove(doomed: list[Path]) -> None:
-    """Remove backups and their checksums, the backups durably first: a power cut may
-    then leave a checksum without its backup (ignored), never a listed backup without
-    its checksum (which nothing could verify, so no restore would take it)."""
+def remove(doomed: list[Path],
+           companions: Callable[[Path], list[Path]] = lambda b: [checksum_path(b)]) -> None:
+    """Remove backups (or kept databases) and their companions (checksum, or side files),
+    the files themselves durably first: a power cut may then leave a companion without
+    its file (ignored), never a listed backup without its checksum (which nothing could
+    verify) or a kept database without its ``-wal`` (rows missing from it). The second
+    fsync makes the companions' removal durable too, or orphans would stay for ever
+    (nothing lists them)."""
     for b in doomed:
         fsutil.remove(b)
     for directory in {b.parent for b in doomed}:
         fsutil.fsync_dir(directory)
     for b in doomed:
-        fsutil.remove(checksum_path(b))
+        for c in companions(b):
+            fsutil.remove(c)
     for directory in {b.parent for b in doomed}:
         fsutil.fsync_dir(directory)
 
@@ -239,9 +243,5 @@ def prune(db: Path, backup_dir: Path, keep: int, protect: set[Path]) -> list[Pat
     # Next to the database too: where the backup dir refused the link.
     replaced = list_replaced(db, backup_dir, db.parent)
     old = replaced[:-keep] if keep else []
-    for r in old:
-        fsutil.remove(r)
-        fsutil.remove_sidecars(r)
-    for directory in {p.parent for p in doomed + old}:
-        fsutil.fsync_dir(directory)
+    remove(old, fsutil.sidecars)
     return doomed + old

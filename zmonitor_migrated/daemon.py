@@ -386,6 +386,9 @@ def _move_exclusive(src: Path, dest: Path, tick: Tick | None) -> str:
             os.symlink(os.readlink(src), dest)
         else:
             _copy_exclusive(src, dest, tick)
+    # The new name durable before the old one goes: a power cut between them must not
+    # take the bundle from both directories.
+    fsync_dir(dest.parent)
     os.unlink(src)
     return "moved"
 

@@ -319,6 +319,21 @@ def remove_sidecars(db: Path) -> None:
             side.unlink()
 
 
+def rename_over_database(src: Path, db: Path) -> None:
+    """Rename ``src`` over the database ``db``, durably. The old file's side files go
+    first, and durably: a power cut that kept the rename but undid their removal would
+    leave SQLite to replay the old file's ``-wal`` (or hot ``-journal``) onto the new one."""
+    removed = False
+    for side in sidecars(db):
+        with contextlib.suppress(FileNotFoundError):
+            side.unlink()
+            removed = True
+    if removed:
+        fsync_dir(db.parent)
+    os.replace(src, db)
+    fsync_dir(db.parent)
+
+
 def remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.is_dir() and not path.is_symlink():

@@ -31,20 +31,19 @@ RESTORING_OUTCOMES = (Outcome.RESTORED, Outcome.RECOVERED_OLD, Outcome.ROLLED_BA
 
 
 def append(path: Path, record: dict[str, Any]) -> None:
-    """Append one record, durable when this returns: the line is fsynced and, when
-    this line creates the file, so is the file's name in its directory (else a power
-    cut could take the whole history with it)."""
+    """Append one record, durable when this returns: the line is fsynced, and so is
+    the file's name in its directory (else a power cut could take the whole history
+    with it). Every time, not only when this line creates the file: a writer killed
+    between the two fsyncs left a name nothing had made durable. Runs are rare."""
     make_dirs(path.parent)
     line = json.dumps(clean_tree(record, limit=MAX_FIELD_CHARS), sort_keys=True) + "\n"
-    created = not os.path.lexists(path)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, line.encode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    if created:
-        fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def read(path: Path) -> list[dict[str, Any]]:

@@ -150,9 +150,7 @@ class WorkingCopy:
         if wal.exists() and wal.stat().st_size:
             raise MigrateError(f"{wal} gained data while the app was stopped: another "
                                "writer is active", kind="concurrent-writer")
-        fsutil.remove_sidecars(db)
-        os.replace(copy, db)
-        fsutil.fsync_dir(db.parent)
+        fsutil.rename_over_database(copy, db)
 
 
 def went_live(db: Path, journal: Journal) -> bool:

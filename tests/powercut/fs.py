@@ -71,7 +71,11 @@ class CutFS:
         self.by_key: dict[tuple[int, int], int] = {}
         self.base: State = model.scan(backing, self.by_key, self.next_ino)
         self.names: dict[str, int] = dict(self.base.names)
-        self.fh_ino: dict[int, int] = {}
+        # FUSE file handle -> (backing fd, model inode). Handles are never reused: a
+        # release that arrives late, after ``load`` closed everything, must not close a
+        # descriptor the next process got since.
+        self.handles: dict[int, tuple[int, int]] = {}
+        self.next_fh = 1
 
     # -- model bookkeeping -------------------------------------------------------------
     def _rel(self, path: str) -> str:
@@ -97,6 +101,18 @@ class CutFS:
         self.next_ino[0] += 1
         return ino
 
+    def _handle(self, fd: int, ino: int) -> int:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = (fd, ino)
+        return fh
+
+    def _fd(self, fh: int) -> int:
+        try:
+            return self.handles[fh][0]
+        except KeyError:
+            raise OSError(errno.EBADF, "handle closed by a power cut") from None
+
     def _parent(self, rel: str) -> int:
         return self._ino(os.path.dirname(rel))
 
@@ -107,10 +123,10 @@ class CutFS:
     def load(self, state: State) -> None:
         """Make ``state`` the backing tree and the new baseline of the log."""
         with self.mutex:
-            for fh in list(self.fh_ino):
+            for fd, _ino in self.handles.values():
                 with contextlib.suppress(OSError):
-                    os.close(fh)
-            self.fh_ino.clear()
+                    os.close(fd)
+            self.handles.clear()
             model.materialize(state, Path(self.root))
             live = state.live()
             self.names = dict(live.names)
@@ -139,8 +155,9 @@ class CutFS:
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         with self.mutex:
-            if fh is not None and fh in self.fh_ino:
-                return self._stat(os.fstat(fh), self.fh_ino[fh])
+            if fh is not None and fh in self.handles:
+                fd, ino = self.handles[fh]
+                return self._stat(os.fstat(fd), ino)
             rel = self._rel(path)
             s = os.lstat(self._full(path))
             return self._stat(s, self._ino(rel))
@@ -173,8 +190,8 @@ class CutFS:
         with self.mutex:
             rel = self._rel(path)
             ino = self._ino(rel)
-            fh = os.open(self._full(path), flags & ~(os.O_CREAT | os.O_EXCL))
-            self.fh_ino[fh] = ino
+            fh = self._handle(os.open(self._full(path), flags & ~(os.O_CREAT | os.O_EXCL)),
+                              ino)
             if flags & os.O_TRUNC:
                 self._log(Op("trunc", ino, offset=0))
             return fh
@@ -182,28 +199,29 @@ class CutFS:
     def create(self, path: str, mode: int, fi: Any = None) -> int:
         with self.mutex:
             rel = self._rel(path)
-            fh = os.open(self._full(path), os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
+            fd = os.open(self._full(path), os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)
             ino = self._new_ino()
             self.names[rel] = ino
-            self.fh_ino[fh] = ino
+            fh = self._handle(fd, ino)
             self._log(Op("create", ino, path=rel, dirs=(self._parent(rel),),
                          offset=stat.S_IMODE(mode)))
             return fh
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return os.pread(fh, size, offset)
+        with self.mutex:
+            return os.pread(self._fd(fh), size, offset)
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         with self.mutex:
-            n = os.pwrite(fh, data, offset)
-            self._log(Op("write", self.fh_ino[fh], offset=offset, data=bytes(data[:n])))
+            n = os.pwrite(self._fd(fh), data, offset)
+            self._log(Op("write", self.handles[fh][1], offset=offset, data=bytes(data[:n])))
             return n
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
         with self.mutex:
-            if fh is not None and fh in self.fh_ino:
-                os.ftruncate(fh, length)
-                ino = self.fh_ino[fh]
+            if fh is not None and fh in self.handles:
+                fd, ino = self.handles[fh]
+                os.ftruncate(fd, length)
             else:
                 os.truncate(self._full(path), length)
                 ino = self._ino(self._rel(path))
@@ -213,7 +231,8 @@ class CutFS:
     def fsync(self, path: str, datasync: int, fh: int) -> int:
         with self.mutex:
             # The backing file is not fsynced: durability is the model's, not the disk's.
-            self._log(Op("fsync", self.fh_ino[fh]))
+            self._fd(fh)
+            self._log(Op("fsync", self.handles[fh][1]))
             return 0
 
     def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
@@ -226,8 +245,9 @@ class CutFS:
 
     def release(self, path: str, fh: int) -> int:
         with self.mutex:
-            if self.fh_ino.pop(fh, None) is not None:
-                os.close(fh)
+            fd, _ino = self.handles.pop(fh, (-1, 0))
+            if fd >= 0:
+                os.close(fd)
             return 0
 
     def mkdir(self, path: str, mode: int) -> int:
@@ -312,12 +332,29 @@ class CutFS:
 
 def kill_users(mountpoint: Path, spare: set[int]) -> list[int]:
     """SIGKILL every process but ``spare`` with its cwd, root, an open file or a mapping
-    under the mount (what a power cut does to them), and wait until they are gone."""
-    mp = os.path.realpath(mountpoint)
-    mine = {os.getpid(), *spare}
-    victims = []
+    (deleted files included) under the mount, what a power cut does to them, and wait
+    until they are gone; again until a pass finds none (a child forked meanwhile)."""
+    killed: list[int] = []
+    for _ in range(20):
+        victims = _users(os.path.realpath(mountpoint), {os.getpid(), *spare, *killed})
+        if not victims:
+            break
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in victims:
+            for _ in range(2000):
+                if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
+                    break
+                time.sleep(0.005)
+        killed += victims
+    return killed
+
+
+def _users(mp: str, spare: set[int]) -> list[int]:
+    found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in mine:
+        if not entry.isdigit() or int(entry) in spare:
             continue
         pid = int(entry)
         try:
@@ -325,20 +362,13 @@ def kill_users(mountpoint: Path, spare: set[int]) -> list[int]:
             links += [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(
                 f"/proc/{pid}/fd")]
             with open(f"/proc/{pid}/maps") as f:
-                links += [line.split()[-1] for line in f if "/" in line]
+                links += [fields[5].removesuffix(" (deleted)") for line in f
+                          if len(fields := line.rstrip("\n").split(maxsplit=5)) == 6]
         except OSError:
             continue
-        if any(p == mp or p.startswith(mp + "/") for p in links):
-            victims.append(pid)
-    for pid in victims:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for pid in victims:
-        for _ in range(2000):
-            if not os.path.exists(f"/proc/{pid}") or _zombie(pid):
-                break
-            time.sleep(0.005)
-    return victims
+        if any(p.removesuffix(" (deleted)") == mp or p.startswith(mp + "/") for p in links):
+            found.append(pid)
+    return found
 
 
 def _zombie(pid: int) -> bool:
@@ -451,11 +481,14 @@ class Mount:
             if not conn.poll(60):
                 raise RuntimeError(f"FUSE server for {self.mountpoint} did not start")
             status, value = conn.recv()
+            if status != "up":
+                raise RuntimeError(value)
         except EOFError:
-            status, value = "err", f"FUSE server for {self.mountpoint} exited at start"
-        if status != "up":
             self.__exit__()
-            raise RuntimeError(value)
+            raise RuntimeError(f"FUSE server for {self.mountpoint} exited at start") from None
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def alive(self) -> bool:

@@ -30,6 +30,7 @@ The CI sample is ``tests/test_powercut_sweep.py`` (a seeded sample of the same s
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -347,12 +348,11 @@ def check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
         if not _mount_alive(rig):
             m.remount()
             tally.outcomes["remounted"] += 1
-        before = len(tally.failures)
+        before = copy.deepcopy(tally.__dict__)
         _check_state(rig, m, rec, state, label, tally)
-        if attempt == 2 or _mount_alive(rig) or len(tally.failures) == before:
+        if attempt == 2 or _mount_alive(rig) or len(tally.failures) == len(before["failures"]):
             return
-        del tally.failures[before:]
-        tally.states -= 1
+        tally.__dict__.update(before)  # this attempt's counts go with it
 
 
 def _check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
@@ -420,6 +420,8 @@ def _check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
             tally.db["mixed"] += 1
             tally.rows_lost += 1
             problems.append("database is neither the old nor the new content")
+    if r1["code"] == 0 and rig.db.exists():
+        problems += _leftovers(rig)
     # Journal readable (or absent) and closed after a successful recover; what it says
     # happened is what the database shows.
     try:
@@ -459,6 +461,19 @@ def _check_state(rig: Rig, m: Mount, rec: Recording, state: State, label: str,
         problems += _bundle_problems(rig, rec, content, tally)
     if problems:
         tally.failures.append(f"{label}: " + "; ".join(problems))
+
+
+def _leftovers(rig: Rig) -> list[str]:
+    """After a recovery that finished: no working copy or restore copy left taking space,
+    and no backup that is a hard link to the live file (not a point-in-time copy)."""
+    data = rig.db.parent
+    left = [p.name for p in data.iterdir() if ".migrating-" in p.name
+            or p.name.endswith(".restoring")]
+    live = os.stat(rig.db).st_ino
+    linked = [b.name for b in backups.list_backups(rig.db, rig.mnt / "backups")
+              if os.stat(b).st_ino == live]
+    return ([f"left behind after recovery: {', '.join(left)}"] if left else []) + (
+        [f"a listed backup is the live file itself: {', '.join(linked)}"] if linked else [])
 
 
 def _bundle_problems(rig: Rig, rec: Recording, content: str | None,
@@ -517,7 +532,9 @@ def pick(states: list[tuple[str, State]], sample: int,
     first, then a seeded draw from the others."""
     worst = [s for s in states if s[0].endswith(" sync")]
     rest = [s for s in states if not s[0].endswith(" sync")]
-    return worst[:sample] + rng.sample(rest, max(0, min(len(rest), sample - len(worst))))
+    if len(worst) > sample:  # spread over the whole flow, not only its first cut points
+        worst = [worst[i * len(worst) // sample] for i in range(sample)]
+    return worst + rng.sample(rest, max(0, min(len(rest), sample - len(worst))))
 
 
 FLOWS = ("apply", "health-gate-restore", "operator-restore", "recover-cut", "daemon")

@@ -597,12 +597,15 @@ def sweep(tmp: Path, flows: list[str], *, subsets: int = 2, torn: int = 2, seed:
 def _sweep_recover_cut(rig: Rig, m: Mount, rec_apply: Recording, subsets: tuple[int, int],
                        seed: int, sample: int, rng: random.Random, tally: Tally) -> None:
     """A cut during ``apply`` that leaves recovery work (an open journal after the stop),
-    then ``recover`` recorded from there and cut at every point of its own."""
+    then ``recover`` recorded from there and cut at every point of its own. The first
+    cut leaves the worst case (only what was synced) or everything written (the working
+    copy then still there for recovery to remove), once per open journal phase."""
     durable = model.durable_after(rec_apply.ops)
     picks: list[State] = []
-    seen: set[str] = set()
-    for k in range(len(rec_apply.ops) + 1):
-        st = model.crash_state(rec_apply.base, rec_apply.ops, k, "sync", 0, durable)
+    seen: set[tuple[str, str]] = set()
+    for mode, k in [(mode, k) for mode in ("sync", "all")
+                    for k in range(len(rec_apply.ops) + 1)]:
+        st = model.crash_state(rec_apply.base, rec_apply.ops, k, mode, 0, durable)
         jpath = "state/journal.json"
         ino = st.names.get(jpath)
         if ino is None:
@@ -612,9 +615,9 @@ def _sweep_recover_cut(rig: Rig, m: Mount, rec_apply: Recording, subsets: tuple[
             closed = json.loads(st.data[ino]).get("outcome")
         except ValueError:
             continue
-        if closed or phase in ("received", "verified", "prechecked") or phase in seen:
+        if closed or phase in ("received", "verified", "prechecked") or (mode, phase) in seen:
             continue
-        seen.add(phase)
+        seen.add((mode, phase))
         picks.append(st)
     for i, st in enumerate(picks):
         m.fs.load(st)

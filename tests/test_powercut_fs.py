@@ -440,3 +440,27 @@ def test_the_daemon_never_loses_a_bundle_between_inbox_and_archive(mount: Mount)
                                               plain / "state" / "archive" / "b.zmb")
                      if p.exists()]
             assert body in found, (k, mode, seed)
+
+
+@needs_fuse
+def test_a_discarded_copy_is_gone_for_good_when_discard_returns(mount: Mount) -> None:
+    """Recovery closes the journal right after ``discard``: the working copy's removal
+    must be durable by then, or a cut leaves a database-sized file nothing will ever
+    remove (the journal no longer names it)."""
+    from zmonitor_migrated import fsutil, swap
+    from zmonitor_migrated.journal import Journal
+
+    mp = mount.mountpoint
+    db = mp / "data" / "zmonitor.db"
+    copy = db.with_name(db.name + ".migrating-20261203T000000Z-abcdef")
+    fsutil.make_dirs(db.parent)
+    for path in (db, copy):
+        _write(path, b"SQLite format 3\0" + os.urandom(4000), sync=True)
+    _fsync_dir(db.parent)
+    mount.fs.load(mount.fs.crash_state())
+    journal = Journal.create(mount.backing.parent / "journal.json", copy=str(copy))
+    assert journal.facts.copy == str(copy)
+    swap.discard(db, mp / "backups", journal)
+    after = mount.fs.crash_state(len(mount.fs.ops), "sync").live()
+    assert sorted(n for n in after.names if n.startswith("data")) == ["data",
+                                                                     "data/zmonitor.db"]

@@ -464,3 +464,24 @@ def test_a_discarded_copy_is_gone_for_good_when_discard_returns(mount: Mount) ->
     after = mount.fs.crash_state(len(mount.fs.ops), "sync").live()
     assert sorted(n for n in after.names if n.startswith("data")) == ["data",
                                                                      "data/zmonitor.db"]
+
+
+def test_side_files_left_under_the_copy_s_old_name_go_once_it_went_live(
+        tmp_path: Path) -> None:
+    """Found by the sweep: the copy's switch back to WAL creates and deletes a
+    ``-journal`` under the copy's name; a cut after the swap's rename that undid that
+    deletion left the file for good (nothing names it once the journal closes).
+    Recovery going forward removes it; while the copy itself exists it is the copy's."""
+    from zmonitor_migrated import swap
+    from zmonitor_migrated.journal import Journal
+
+    copy = tmp_path / "zmonitor.db.migrating-20261203T000000Z-abcdef"
+    side = copy.with_name(copy.name + "-journal")
+    side.write_bytes(b"x" * 512)
+    journal = Journal.create(tmp_path / "journal.json", copy=str(copy))
+    copy.write_bytes(b"the copy, not yet renamed")
+    swap.drop_copy_leftovers(journal)
+    assert side.exists()
+    copy.unlink()  # renamed over the live file
+    swap.drop_copy_leftovers(journal)
+    assert not side.exists()

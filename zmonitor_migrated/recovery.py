@@ -182,6 +182,7 @@ def _go_back(r: Recovery) -> Outcome:
 def _go_forward(r: Recovery) -> Outcome:
     """The migrated database is live: start the app, hold the health gate, commit; a
     failing gate restores the backup."""
+    swap.drop_copy_leftovers(r.journal)
     try:
         return _finish_forward(r.config, r.journal, r.services, r.reporter, r.gate)
     except MigrateError as exc:

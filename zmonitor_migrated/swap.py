@@ -168,6 +168,20 @@ def went_live(db: Path, journal: Journal) -> bool:
         return True  # the live file is gone: only the backup can bring it back
 
 
+def drop_copy_leftovers(journal: Journal) -> None:
+    """After the copy went live: side files left under its old name (a ``-journal`` the
+    copy's switch back to WAL created and deleted, brought back by a power cut that
+    undid the deletion) belong to no database any more; removed, durably."""
+    copy = journal.facts.copy
+    if not copy or os.path.lexists(copy):
+        return
+    left = [side for side in fsutil.sidecars(Path(copy)) if os.path.lexists(side)]
+    for side in left:
+        fsutil.remove(side)
+    if left:
+        fsutil.fsync_dir(Path(copy).parent)
+
+
 def discard(db: Path, backup_dir: Path, journal: Journal) -> None:
     """Undo a run whose copy never went live: the copy and any backup link to the live
     inode go; the live file was never written."""

@@ -313,22 +313,21 @@ def sidecars(db: Path) -> list[Path]:
     return [db.with_name(db.name + s) for s in SIDE_SUFFIXES]
 
 
-def remove_sidecars(db: Path) -> None:
+def remove_sidecars(db: Path) -> bool:
+    """Whether there was any to remove."""
+    removed = False
     for side in sidecars(db):
         with contextlib.suppress(FileNotFoundError):
             side.unlink()
+            removed = True
+    return removed
 
 
 def rename_over_database(src: Path, db: Path) -> None:
     """Rename ``src`` over the database ``db``, durably. The old file's side files go
     first, and durably: a power cut that kept the rename but undid their removal would
     leave SQLite to replay the old file's ``-wal`` (or hot ``-journal``) onto the new one."""
-    removed = False
-    for side in sidecars(db):
-        with contextlib.suppress(FileNotFoundError):
-            side.unlink()
-            removed = True
-    if removed:
+    if remove_sidecars(db):
         fsync_dir(db.parent)
     os.replace(src, db)
     fsync_dir(db.parent)

@@ -173,12 +173,7 @@ def drop_copy_leftovers(journal: Journal) -> None:
     copy's switch back to WAL created and deleted, brought back by a power cut that
     undid the deletion) belong to no database any more; removed, durably."""
     copy = journal.facts.copy
-    if not copy or os.path.lexists(copy):
-        return
-    left = [side for side in fsutil.sidecars(Path(copy)) if os.path.lexists(side)]
-    for side in left:
-        fsutil.remove(side)
-    if left:
+    if copy and not os.path.lexists(copy) and fsutil.remove_sidecars(Path(copy)):
         fsutil.fsync_dir(Path(copy).parent)
 
 
